@@ -1,0 +1,162 @@
+"""Choose the attention backend of an S3PRL upstream, with a reason for every rejected candidate.
+
+``decide()`` is the policy: it takes the request, the device, the dtype and the upstream, and returns an
+``AttnDecision``. ``apply()`` puts a decision into a Hugging Face model, and ``is_flash_kernel_error()``
+recognises the flash-attn kernel errors that justify a switch at run time. Native S3PRL upstreams
+attend through ``F.multi_head_attention_forward`` (already SDPA) and offer no choice: their decision
+says ``native-sdpa`` rather than claim a choice that was not made.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from espnet_flashcompat import guard
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "ESPNET_FLASHCOMPAT_ATTN"
+AUTO, FLASH, SDPA, EAGER = "auto", "flash_attention_2", "sdpa", "eager"
+CHOICES = (AUTO, FLASH, SDPA, EAGER)
+NATIVE_SDPA, NO_ATTENTION = "native-sdpa", "none"
+_ORDER = (FLASH, SDPA, EAGER)  # fastest first; an explicit request is downgraded along this order
+
+_KERNEL_ERRORS = (
+    "FlashAttention only supports Ampere GPUs or newer",
+    "FlashAttention only support fp16 and bf16",
+    "FlashAttention forward only supports head dimension",
+    "FlashAttention backward only supports head dimension",
+    "No available kernel",
+    "flash_attn_2_cuda",
+)
+
+
+class AttentionUnavailableError(RuntimeError):
+    """``strict`` is on and the requested backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    backend: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AttnDecision:
+    requested: str  # auto | flash_attention_2 | sdpa | eager, after the environment override
+    implementation: str  # what runs: flash_attention_2 | sdpa | eager | native-sdpa | none
+    rejected: Tuple[Rejection, ...] = ()
+    source: str = "config"  # config | env
+    context: str = ""  # "cuda:0 bfloat16", or "" before the device is known
+
+    @property
+    def downgraded(self) -> bool:
+        return self.requested not in (AUTO, self.implementation)
+
+    def summary(self) -> str:
+        why = "; ".join(f"{r.backend}: {r.reason}" for r in self.rejected)
+        where = f" on {self.context}" if self.context else ""
+        src = f" ({ENV_VAR})" if self.source == "env" else ""
+        return f"attention {self.implementation}{where} (requested {self.requested}{src}){'; rejected ' + why if why else ''}"
+
+
+def requested_backend(configured: str) -> Tuple[str, str]:
+    """(request, source): ``ESPNET_FLASHCOMPAT_ATTN`` wins over the YAML; both are validated."""
+    value, source = (os.environ.get(ENV_VAR), "env") if os.environ.get(ENV_VAR) else (configured, "config")
+    value = (value or AUTO).strip().lower()
+    if value not in CHOICES:
+        origin = ENV_VAR if source == "env" else "attn_implementation"
+        raise ValueError(f"{origin}={value!r} is not one of {', '.join(CHOICES)}")
+    return value, source
+
+
+def hf_model(upstream) -> Optional[torch.nn.Module]:
+    """The transformers model inside an S3PRL upstream (``hf_wav2vec2_custom``...), else None."""
+    model = getattr(getattr(upstream, "upstream", upstream), "model", None)
+    return model if hasattr(model, "config") and hasattr(model.config, "_attn_implementation") else None
+
+
+def decide(requested: str, upstream, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
+           source: str = "config", strict: bool = False) -> AttnDecision:
+    """The backend ``upstream`` should attend with on ``device``/``dtype`` (None: not known yet).
+
+    ``auto`` takes the first candidate of flash_attention_2, sdpa, eager that passes its checks; an explicit
+    request is honoured when it passes them and otherwise downgraded (or, with ``strict``, refused).
+    """
+    context = f"{device} {str(dtype).replace('torch.', '')}" if device is not None else ""
+    model = hf_model(upstream)
+    if model is None:
+        native = NATIVE_SDPA if _has_attention(upstream) else NO_ATTENTION
+        rejected = ()
+        if requested not in (AUTO, SDPA) or (requested == SDPA and native == NO_ATTENTION):
+            rejected = (Rejection(requested, f"{type(upstream.upstream).__module__} is a native S3PRL upstream "
+                                             f"({native}); its attention cannot be switched"),)
+        decision = AttnDecision(requested, native, rejected, source, context)
+    else:
+        candidates = _ORDER if requested == AUTO else _ORDER[_ORDER.index(requested):]
+        rejected = []
+        for backend in candidates:
+            reason = _rejection(backend, model, device, dtype)
+            if reason is None:
+                decision = AttnDecision(requested, backend, tuple(rejected), source, context)
+                break
+            rejected.append(Rejection(backend, reason))
+    if strict and decision.rejected and requested != AUTO:
+        raise AttentionUnavailableError(f"strict: {decision.summary()}")
+    return decision
+
+
+def _rejection(backend: str, model, device, dtype) -> Optional[str]:
+    """Why ``backend`` cannot run this model here, or None if it can (unknown device/dtype pass)."""
+    if backend == EAGER:
+        return None
+    if backend == SDPA:
+        return None if getattr(model, "_supports_sdpa", False) else f"{type(model).__name__} does not support sdpa"
+    if not (getattr(model, "_supports_flash_attn", False) or getattr(model, "_supports_flash_attn_2", False)):
+        return f"{type(model).__name__} does not support flash_attention_2"
+    broken = guard.probe_flash_attn()
+    if broken is not None:
+        return broken.error
+    if device is not None:
+        if device.type != "cuda":
+            return f"device {device} is not CUDA"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; FlashAttention needs Ampere (sm_80) or newer"
+    if dtype is not None and effective_dtype(device, dtype) not in (torch.float16, torch.bfloat16):
+        return f"dtype {str(dtype).replace('torch.', '')} (FlashAttention runs fp16/bf16 only; enable AMP)"
+    return None
+
+
+def effective_dtype(device, dtype):
+    if device is not None and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
+def _has_attention(upstream) -> bool:
+    return any("Attention" in type(m).__name__ for m in upstream.modules())
+
+
+def apply(upstream, implementation: str) -> None:
+    """Switch the HF model inside ``upstream`` to ``implementation`` (a no-op for native upstreams)."""
+    model = hf_model(upstream)
+    if model is None or model.config._attn_implementation == implementation:
+        return
+    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.55
+        model.set_attn_implementation(implementation)
+        return
+    # transformers 4.4x choose attention classes at construction: rebuild the model with the same weights
+    rebuilt = type(model)._from_config(model.config, attn_implementation=implementation)
+    rebuilt.load_state_dict(model.state_dict())
+    rebuilt.to(next(model.parameters()).device).train(model.training)
+    getattr(upstream, "upstream", upstream).model = rebuilt
+
+
+def is_flash_kernel_error(exc: BaseException) -> bool:
+    """True for the flash-attn failures that another backend avoids (kernel limits, broken install)."""
+    text = str(exc)
+    return any(marker in text for marker in _KERNEL_ERRORS) or guard.classify(exc).kind == guard.FLASH_ATTN

@@ -1,0 +1,120 @@
+"""``S3prlFlashCompatFrontend``: ESPnet's ``S3prlFrontend`` that survives broken attention plumbing.
+
+A thin subclass: S3PRL is imported through ``guard`` (so the stock ``from s3prl.nn import ...`` inside
+ESPnet's constructor succeeds), inputs are checked up front, the attention backend is chosen by
+``attention.decide`` for each device and dtype the frontend meets, and a flash-attn kernel error at run
+time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
+"""
+
+import difflib
+import logging
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from espnet2.asr.frontend.s3prl import S3prlFrontend
+from espnet2.utils.get_default_kwargs import get_default_kwargs
+from espnet.nets.pytorch_backend.frontends.frontend import Frontend
+
+from espnet_flashcompat import attention
+from espnet_flashcompat.guard import import_s3prl, recovered_faults
+from espnet_flashcompat.hub import ResilientHub
+
+logger = logging.getLogger(__name__)
+
+
+class S3prlFlashCompatFrontend(S3prlFrontend):
+    """``frontend: s3prl_flashcompat``: ``S3prlFrontend``'s arguments plus ``attn_implementation`` and ``strict``."""
+
+    def __init__(
+        self,
+        fs: Union[int, str] = 16000,
+        frontend_conf: Optional[dict] = get_default_kwargs(Frontend),
+        download_dir: Optional[str] = None,
+        multilayer_feature: bool = False,
+        layer: int = -1,
+        attn_implementation: str = attention.AUTO,
+        strict: bool = False,
+    ):
+        request, source = attention.requested_backend(attn_implementation)
+        s3prl = import_s3prl()
+        _check_upstream(s3prl.hub, (frontend_conf or {}).get("upstream"))
+        super().__init__(fs, frontend_conf, download_dir, multilayer_feature, layer)
+        num_layers = self.upstream.num_layers
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"layer={layer} is out of range: upstream '{frontend_conf['upstream']}' has "
+                             f"{num_layers} hidden states (layers 0..{num_layers - 1}, or -1 for all)")
+        self.frontend_type = "s3prl"  # ESPnet keys behaviour on this; we are an s3prl frontend
+        self.strict = strict
+        self.attn_request, self.attn_source = request, source
+        self.import_faults = recovered_faults()
+        self._decisions: Dict[Tuple[str, str], attention.AttnDecision] = {}
+        self._warned = set()  # rejection tuples already warned about: one warning per decision
+        self.attn_decision = self._decide(None, None)
+        logger.info("s3prl_flashcompat: upstream %s, %s", frontend_conf["upstream"], self.attn_decision.summary())
+
+    def forward(self, input: torch.Tensor, input_lengths: torch.Tensor):
+        _check_batch(input, input_lengths)
+        self._attend_on(input.device)
+        try:
+            return super().forward(input, input_lengths)
+        except Exception as exc:
+            if self.attn_decision.implementation != attention.FLASH or not attention.is_flash_kernel_error(exc):
+                raise
+            self._fall_back(exc)
+        return super().forward(input, input_lengths)
+
+    def _decide(self, device, dtype) -> attention.AttnDecision:
+        decision = attention.decide(self.attn_request, self.upstream, device, dtype, self.attn_source, self.strict)
+        attention.apply(self.upstream, decision.implementation)
+        if decision.downgraded and decision.rejected not in self._warned:
+            self._warned.add(decision.rejected)
+            logger.warning("s3prl_flashcompat: %s. Fix: see `espnet-flashcompat doctor`", decision.summary())
+        return decision
+
+    def _attend_on(self, device: torch.device) -> None:
+        """Decide once per (device, dtype in effect): a GPU run sees CUDA only after the model is moved."""
+        model = attention.hf_model(self.upstream)
+        dtype = next(model.parameters()).dtype if model is not None else torch.float32
+        dtype = attention.effective_dtype(device, dtype)
+        key = (str(device), str(dtype))
+        if key not in self._decisions:
+            self._decisions[key] = self._decide(device, dtype)
+        elif self._decisions[key] is not self.attn_decision:
+            attention.apply(self.upstream, self._decisions[key].implementation)
+        self.attn_decision = self._decisions[key]
+
+    def _fall_back(self, exc: Exception) -> None:
+        failed = self.attn_decision
+        if self.strict:
+            raise attention.AttentionUnavailableError(
+                f"strict: flash_attention_2 failed on {failed.context}: {type(exc).__name__}: {exc}") from exc
+        model = attention.hf_model(self.upstream)
+        backend = attention.SDPA if getattr(model, "_supports_sdpa", False) else attention.EAGER
+        rejection = attention.Rejection(attention.FLASH, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        decision = attention.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
+                                          failed.source, failed.context)
+        attention.apply(self.upstream, backend)
+        logger.warning("s3prl_flashcompat: flash-attn failed at run time; re-running the batch. %s. "
+                       "Fix: enable AMP (fp16/bf16) on an Ampere+ GPU, or set attn_implementation: sdpa",
+                       decision.summary())
+        self._decisions = {k: decision if v is failed else v for k, v in self._decisions.items()}
+        self.attn_decision = decision
+
+
+def _check_upstream(hub, name) -> None:
+    """A clear error for a missing or unknown upstream; a broken one raises its real cause from the hub."""
+    known = hub.module_of(name) is not None if isinstance(hub, ResilientHub) else name in hub.options()
+    if known:
+        getattr(hub, name)  # imports its module now: S3PRLImportError names the real cause
+        return
+    close = difflib.get_close_matches(str(name), hub.options(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " Run `espnet-flashcompat doctor` to list upstreams."
+    raise ValueError(f"frontend_conf.upstream={name!r} is not an S3PRL upstream.{hint}")
+
+
+def _check_batch(input: torch.Tensor, input_lengths: torch.Tensor) -> None:
+    if input.dim() not in (2, 3) or input.size(0) == 0:
+        raise ValueError(f"s3prl_flashcompat expects a non-empty (batch, samples) waveform batch, got {tuple(input.shape)}")
+    empty = (input_lengths <= 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"zero-length utterance(s) at batch index {empty}: S3PRL upstreams need at least one sample")

@@ -1,0 +1,121 @@
+"""A lazy, resilient stand-in for ``s3prl.hub``: import only the upstream that is asked for.
+
+s3prl 0.4.18's ``hub.py`` star-imports all of its upstream ``hubconf`` modules, so one broken dependency
+(``byol_s`` on torchaudio >= 2.9) takes every upstream down, and the eager imports cost seconds
+(``espnet_hubert`` alone imports ESPnet). ``ResilientHub`` reads which entry points each hubconf
+defines from the source of s3prl's own ``hub.py`` (``ast``, nothing executed) and imports a hubconf
+module the first time one of its names is looked up. ``S3PRLUpstream`` finds it where it always looks,
+``getattr(hub, name)`` and ``hub.options()``. A module that fails is remembered: asking for one of its
+names raises ``S3PRLImportError`` naming the real cause; ``options()`` leaves it out and
+``unavailable()`` says why.
+"""
+
+import ast
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, List, Optional
+
+from espnet_flashcompat.guard import S3PRLImportError
+
+_UNREGISTERED_SUFFIXES = ("_local", "_url", "_gdriveid", "_custom")
+
+
+class ResilientHub(ModuleType):
+    """Entry point name -> hubconf module, imported on first use."""
+
+    def __init__(self, index: Dict[str, str], load: Callable[..., ModuleType]):
+        super().__init__("s3prl.hub", __doc__)
+        self.__file__ = __file__
+        self._index = index
+        self._load = load
+        self._failed: Dict[str, S3PRLImportError] = {}  # hubconf module -> why it cannot be imported
+
+    def __getattr__(self, name: str):
+        module = self._index.get(name)
+        if module is None or name.startswith("__"):
+            raise AttributeError(f"module 's3prl.hub' has no attribute {name!r}")
+        value = getattr(self._import(module), name)
+        setattr(self, name, value)  # later look-ups skip __getattr__
+        return value
+
+    def _import(self, module: str) -> ModuleType:
+        if module in self._failed:
+            raise self._failed[module]
+        try:
+            return self._load(module, upstream=upstream_of(module))
+        except S3PRLImportError as exc:
+            self._failed[module] = exc
+            raise
+
+    def options(self, only_registered_ckpt: bool = False) -> List[str]:
+        """Entry point names, like ``s3prl.hub.options``, minus those whose module is known to be broken."""
+        return [
+            name for name, module in self._index.items()
+            if module not in self._failed and not (only_registered_ckpt and name.endswith(_UNREGISTERED_SUFFIXES))
+        ]
+
+    def module_of(self, name: str) -> Optional[str]:
+        return self._index.get(name)
+
+    def unavailable(self) -> Dict[str, S3PRLImportError]:
+        """Entry point name -> the error its module raised, for the modules tried so far."""
+        return {name: self._failed[m] for name, m in self._index.items() if m in self._failed}
+
+    def probe(self) -> Dict[str, Optional[S3PRLImportError]]:
+        """Import every hubconf module (slow: seconds); upstream package -> its error, or None."""
+        result = {}
+        for module in dict.fromkeys(self._index.values()):
+            try:
+                self._import(module)
+                result[upstream_of(module)] = None
+            except S3PRLImportError as exc:
+                result[upstream_of(module)] = exc
+        return result
+
+
+def upstream_of(module: str) -> str:
+    """'s3prl.upstream.byol_s.hubconf' -> 'byol_s'."""
+    return module.split(".")[-2]
+
+
+def install_hub(load: Callable[..., ModuleType]) -> ModuleType:
+    """Put a ResilientHub at ``s3prl.hub`` (keeping a real hub that already imported fine); return the hub."""
+    current = sys.modules.get("s3prl.hub")
+    if current is not None:
+        return current
+    s3prl = load("s3prl")  # raises S3PRLImportError naming a missing package
+    index = read_index(Path(s3prl.__file__).parent)
+    if not index:  # an s3prl whose hub.py we cannot read: use its own
+        return load("s3prl.hub")
+    hub = ResilientHub(index, load)
+    sys.modules["s3prl.hub"] = hub
+    s3prl.hub = hub
+    return hub
+
+
+def read_index(s3prl_dir: Path) -> Dict[str, str]:
+    """Entry point name -> hubconf module, from the star-imports in s3prl's ``hub.py`` (last one wins, as there)."""
+    index: Dict[str, str] = {}
+    hub_py = s3prl_dir / "hub.py"
+    if not hub_py.is_file():
+        return index
+    for node in ast.parse(hub_py.read_text()).body:
+        if not (isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("s3prl.")):
+            continue
+        if any(alias.name == "*" for alias in node.names):
+            source = s3prl_dir.parent.joinpath(*node.module.split(".")).with_suffix(".py")
+            names = _public_functions(source)
+        else:
+            names = [alias.asname or alias.name for alias in node.names]
+        index.update(dict.fromkeys(names, node.module))
+    return index
+
+
+def _public_functions(source: Path) -> List[str]:
+    if not source.is_file():
+        return []
+    return [
+        node.name for node in ast.parse(source.read_text()).body
+        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
+    ]
