@@ -155,8 +155,8 @@ def hide_flash_attn(diagnosis: Diagnosis, while_importing: str = "") -> None:
     _reset_transformers_flash_cache()
     _recovered.append(diagnosis)
     during = f" while importing {while_importing}" if while_importing else ""
-    logger.warning("flash-attn is installed but broken%s: %s. Falling back to PyTorch SDPA. Fix: %s",
-                   during, diagnosis.error, diagnosis.hint)
+    logger.warning("flash-attn is installed but broken%s; falling back to PyTorch SDPA. %s",
+                   during, diagnosis.describe())
 
 
 def probe_flash_attn() -> Optional[Diagnosis]:
