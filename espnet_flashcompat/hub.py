@@ -113,9 +113,14 @@ def read_index(s3prl_dir: Path) -> Dict[str, str]:
 
 
 def _public_functions(source: Path) -> List[str]:
+    """What ``from <hubconf> import *`` exports as entry points: its public functions, and those it
+    re-exports from another hubconf (``from ..apc.hubconf import apc_url as vq_apc_url``)."""
     if not source.is_file():
         return []
-    return [
-        node.name for node in ast.parse(source.read_text()).body
-        if isinstance(node, ast.FunctionDef) and not node.name.startswith("_")
-    ]
+    names = []
+    for node in ast.parse(source.read_text()).body:
+        if isinstance(node, ast.FunctionDef):
+            names.append(node.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("hubconf"):
+            names.extend(alias.asname or alias.name for alias in node.names)
+    return [name for name in names if not name.startswith("_")]
