@@ -1,0 +1,52 @@
+"""Test-suite wiring: the ``slow`` and ``gpu`` markers, GPU skipping, and session-wide fault and tiny-model fixtures."""
+
+import pytest
+
+import faults
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slow test (builds fault fixtures or trains); still runs in CI")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in gpu_items:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(scope="session")
+def broken_flash_attn():
+    return faults.broken_flash_attn()
+
+
+@pytest.fixture(scope="session")
+def undefined_symbol_flash_attn():
+    return faults.undefined_symbol_flash_attn()
+
+
+@pytest.fixture(scope="session")
+def old_transformers():
+    return faults.old_transformers()
+
+
+def _tiny(tmp_path_factory, kind):
+    from espnet_flashcompat.testing import make_tiny_hf_upstream
+
+    return make_tiny_hf_upstream(tmp_path_factory.mktemp(f"tiny_{kind}"), kind=kind)
+
+
+@pytest.fixture(scope="session")
+def tiny_wav2vec2(tmp_path_factory):
+    return _tiny(tmp_path_factory, "wav2vec2")
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert(tmp_path_factory):
+    return _tiny(tmp_path_factory, "hubert")
