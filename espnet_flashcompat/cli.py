@@ -1,0 +1,76 @@
+"""The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` (the only subcommand).
+
+``doctor`` prints ``doctor.render()`` or, with ``--json``, the report as JSON, and exits with the report's
+exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor``). While the checks run,
+whatever the imported libraries print or log is held back (``--verbose`` lets it through, to stderr), so
+that stdout carries the report alone. A usage error exits 64 (EX_USAGE), so that 2 always means broken.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import sys
+from typing import List, Optional
+
+
+USAGE_ERROR = 64
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="espnet-flashcompat", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    doctor = commands.add_parser(
+        "doctor", help="report the state of torch, GPUs, flash-attn, transformers, S3PRL and ESPnet",
+        description="Report what espnet-flashcompat sees on this machine and the frontend_conf to use. "
+                    "Exit code: 0 healthy, 1 degraded (a fallback is in force), "
+                    "2 broken (the frontend cannot be built).")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON (schema_version 1)")
+    doctor.add_argument("--quick", action="store_true",
+                        help="skip importing every S3PRL upstream package and every ESPnet task module (the slow part)")
+    doctor.add_argument("--upstream", metavar="NAME",
+                        help="the S3PRL upstream you train with: checked (exit 2 if it cannot be imported) and put "
+                             "in the recommended YAML (default: hf_wav2vec2_custom, not required)")
+    doctor.add_argument("--verbose", action="store_true",
+                        help="let library output and log messages through to stderr while checking")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from espnet_flashcompat import doctor
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+        report = _stdout_to_stderr(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
+    else:
+        report = _held_back(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
+    print(json.dumps(report, indent=2) if args.json else doctor.render(report))
+    return report["exit_code"]
+
+
+def _stdout_to_stderr(gather):
+    with contextlib.redirect_stdout(sys.stderr):
+        return gather()
+
+
+def _held_back(gather):
+    """Run ``gather`` with Python-level stdout, stderr and warnings captured; replay them only if it raises."""
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            return gather()
+    except BaseException:
+        sys.stderr.write(noise.getvalue())
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
