@@ -1,0 +1,220 @@
+"""Attention backend matrix: eager / sdpa / flash_attention_2 / auto on base-sized HF speech encoders (issue 5).
+
+For a wav2vec2 and a HuBERT encoder of base size (hidden 768, 12 layers, 12 heads, random weights, bf16 weights
+and inputs, batch 8), at 10 s and 30 s, full and ragged batches, inference and a train step: the median time
+(CUDA events around each iteration, after warm-up; rounds that alternate the order of the backends) and the peak memory
+(``max_memory_allocated``: weights, inputs, activations and gradients), with each backend's ratio to the best
+of its row. ``auto`` is what the package's policy (``espnet_flashcompat.attention.decide``) picks for that model,
+device and dtype, timed like the others. Ragged batches lengths run from 100% down to 30% of the longest and pass
+an attention mask, as S3PRL does; full batches pass none. The train step is forward plus backward of a scalar
+loss in train mode (the models' dropouts; layerdrop and SpecAugment masking off, so that every step does the
+same work). Needs CUDA and, for the flash_attention_2 column, a working flash-attn imported before transformers.
+
+    python benchmarks/attention_matrix.py --out DIR              # both models: ~4.5 min on an H100
+    python benchmarks/attention_matrix.py --models wav2vec2 --iters 5 --rounds 2   # a quick look
+
+Writes DIR/attention_matrix.md (tables) and DIR/attention_matrix.json (every timing), and prints the tables.
+"""
+
+import argparse
+import datetime
+import json
+import logging
+import platform
+import statistics
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("attention_matrix")
+
+BACKENDS = ("eager", "sdpa", "flash_attention_2")
+SAMPLE_RATE = 16000
+BATCH = 8
+
+
+def make_model(kind: str, dtype: torch.dtype):
+    """A base-sized random ``kind`` encoder on the GPU in ``dtype``."""
+    from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2Model
+
+    config_cls, model_cls = {"wav2vec2": (Wav2Vec2Config, Wav2Vec2Model), "hubert": (HubertConfig, HubertModel)}[kind]
+    config = config_cls(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                        layerdrop=0.0, mask_time_prob=0.0, mask_feature_prob=0.0)
+    torch.manual_seed(0)
+    return model_cls(config).to("cuda", dtype)
+
+
+def make_batch(seconds: float, ragged: bool, dtype: torch.dtype, seed: int = 0):
+    """(waveforms, attention_mask or None): random noise, zero-padded after each utterance when ragged."""
+    samples = int(seconds * SAMPLE_RATE)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = 0.1 * torch.randn(BATCH, samples, device="cuda", generator=g)
+    if not ragged:
+        return x.to(dtype), None
+    lengths = torch.linspace(1.0, 0.3, BATCH, device="cuda").mul(samples).long()
+    mask = torch.arange(samples, device="cuda")[None, :] < lengths[:, None]
+    return (x * mask).to(dtype), mask.long()
+
+
+def step_fn(model, x, mask, train: bool):
+    if train:
+        def step():
+            model.zero_grad(set_to_none=True)
+            out = model(x, attention_mask=mask).last_hidden_state
+            out.float().square().mean().backward()
+    else:
+        @torch.no_grad()
+        def step():
+            model(x, attention_mask=mask)
+    return step
+
+
+def measure(step, warmup: int, iters: int):
+    """Median ms over ``iters`` iterations (each timed with CUDA events), after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def auto_choice(model, dtype):
+    """The decision of ``attn_implementation: auto`` for this model on this GPU and dtype."""
+    from espnet_flashcompat import attention
+
+    holder = types.SimpleNamespace(model=model)  # attention.hf_model() finds the HF model at .model
+    return attention.decide(attention.AUTO, holder, torch.device("cuda", torch.cuda.current_device()), dtype)
+
+
+def set_backend(model, backend: str) -> None:
+    from espnet_flashcompat import attention
+
+    attention.apply(types.SimpleNamespace(model=model), backend)
+    assert model.config._attn_implementation == backend, model.config._attn_implementation
+
+
+def run_model(kind, cases, backends, dtype, warmup, iters, rounds):
+    model = make_model(kind, dtype)
+    decision = auto_choice(model, dtype)
+    logger.info("%s: auto -> %s", kind, decision.summary())
+    rows = []
+    for seconds, ragged, train in cases:
+        model.train(train)
+        x, mask = make_batch(seconds, ragged, dtype)
+        cells = {b: {"times": [], "peak": 0} for b in (*backends, "auto")}
+        for r in range(rounds):  # alternate the order so that drift falls on every backend alike
+            order = list(cells) if r % 2 == 0 else list(cells)[::-1]
+            for name in order:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    set_backend(model, decision.implementation if name == "auto" else name)
+                    cells[name]["times"] += measure(step_fn(model, x, mask, train), warmup, iters)
+                except Exception as exc:  # a backend that cannot run this row says why in its cell
+                    cells[name]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                    logger.warning("%s %s: %s", kind, name, cells[name]["error"])
+                    torch.cuda.synchronize()
+                cells[name]["peak"] = max(cells[name]["peak"], torch.cuda.max_memory_allocated())
+        del x, mask
+        model.zero_grad(set_to_none=True)
+        for name, cell in cells.items():
+            if cell["times"]:
+                cell["median_ms"] = statistics.median(cell["times"])
+                halves = [statistics.median(cell["times"][i * iters:(i + 1) * iters]) for i in range(rounds)]
+                cell["round_spread"] = (max(halves) - min(halves)) / min(halves)
+            cell["peak_gib"] = cell.pop("peak") / 2**30
+        best = min((c["median_ms"] for n, c in cells.items() if n != "auto" and "median_ms" in c), default=None)
+        for cell in cells.values():
+            if "median_ms" in cell and best:
+                cell["ratio"] = cell["median_ms"] / best
+        row = {"seconds": seconds, "ragged": ragged, "train": train, "auto": decision.implementation, "cells": cells}
+        rows.append(row)
+        logger.info("%s %s: %s", kind, case_name(row), "  ".join(
+            f"{n} {c.get('median_ms', float('nan')):.1f} ms ({c['peak_gib']:.2f} GiB)" for n, c in cells.items()))
+    del model
+    torch.cuda.empty_cache()
+    return {"model": kind, "auto_decision": decision.summary(), "rows": rows}
+
+
+def case_name(row) -> str:
+    return f"{row['seconds']:g} s{' ragged' if row['ragged'] else ''}, {'train step' if row['train'] else 'inference'}"
+
+
+def table(result, backends) -> str:
+    names = (*backends, "auto")
+    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked |",
+             "|---" * (len(names) + 2) + "|"]
+    for row in result["rows"]:
+        cells = []
+        for name in names:
+            c = row["cells"][name]
+            if "median_ms" not in c:
+                cells.append(f"fails: {c.get('error', '?')[:80]}")
+                continue
+            best = " **best**" if c["ratio"] == 1.0 and name != "auto" else ""
+            cells.append(f"{c['median_ms']:.1f} ms, {c['ratio']:.2f}x, {c['peak_gib']:.2f} GiB{best}")
+        lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {row['auto']} |")
+    return "\n".join(lines)
+
+
+def environment() -> dict:
+    try:  # first: flash-attn must be importable before transformers checks for it
+        import flash_attn
+
+        fa_version = flash_attn.__version__
+    except Exception as exc:  # the flash_attention_2 column then shows why it fails
+        fa_version = f"unavailable ({type(exc).__name__}: {exc})"
+    import transformers
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "gpu": torch.cuda.get_device_name(), "capability": "sm_%d%d" % torch.cuda.get_device_capability(),
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "transformers": transformers.__version__, "flash_attn": fa_version,
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="directory for attention_matrix.md and .json")
+    parser.add_argument("--models", default="wav2vec2,hubert")
+    parser.add_argument("--seconds", default="10,30")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=12, help="timed iterations per round")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating the order of the backends")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    env = environment()
+    logger.info("environment: %s", json.dumps(env))
+    dtype = torch.bfloat16
+    cases = [(float(s), ragged, train) for train in (False, True) for s in args.seconds.split(",")
+             for ragged in (False, True)]
+    results = [run_model(kind, cases, BACKENDS, dtype, args.warmup, args.iters, args.rounds)
+               for kind in args.models.split(",")]
+    header = (f"{env['gpu']} ({env['capability']}), torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), "
+              f"transformers {env['transformers']}, flash-attn {env['flash_attn']}, Python {env['python']}; "
+              f"{env['date']}. Batch {BATCH}, bf16, median of {args.rounds}x{args.iters} iterations after "
+              f"{args.warmup} warm-up; cell: median ms, ratio to the row's best backend, peak allocated GiB.")
+    text = header + "\n\n" + "\n\n".join(
+        f"auto on {r['model']}: {r['auto_decision']}\n\n{table(r, BACKENDS)}" for r in results)
+    print("\n" + text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "attention_matrix.md").write_text(text + "\n")
+        (args.out / "attention_matrix.json").write_text(json.dumps({"environment": env, "results": results,
+                                                                    "args": vars(args)}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
