@@ -1,0 +1,392 @@
+"""GPU truth (issue 5): the fallback story on a real CUDA GPU with a real flash-attn, scenarios a-e.
+
+Every scenario runs in a fresh interpreter (``faults.run``) with its own ``PYTHONPATH``: a healthy flash-attn
+(``$ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR``, a ``pip install --target`` of a wheel built for this GPU, else the
+installed one), the broken install made by flash-attn's own installer (``broken_flash_attn``), transformers 4.46
+(``old_transformers``), or none. The scenario prints one ``RESULT {json}`` line; the assertions are made here.
+``scripts/gpu.sh`` runs this file on an H100; without CUDA every test is skipped (conftest).
+
+The upstream is a random HF wav2vec2 with head_dim 64 (hidden 256, 4 heads), which flash-attn's kernels take.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+
+import pytest
+
+from faults import run
+
+FLASH_DIR_ENV = "ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR"
+NO_CUDA_MODULE = "No module named 'flash_attn_2_cuda'"
+FP32_KERNEL_ERROR = "FlashAttention only support fp16 and bf16 data type"
+
+# bf16 keeps 8 significant bits: unit roundoff u = 2**-8 = 3.9e-3. Both backends compute the same function with
+# bf16 operands and fp32 softmax/accumulation, so each lands a few u from the fp32 result (METHOD: 1e-3..1e-2
+# for bf16); two such results differ by at most the sum, ~5u = 2e-2. FA2 must also be no less accurate than
+# SDPA against an fp32 reference (1.5x, plus 1e-3 for the run-to-run wobble of a few-u error). Seen on an H100
+# (2026-11-23): FA2 vs SDPA 1.1e-3 on the frames the encoder treats as valid, each 1.15e-2 from fp32.
+BF16_AGREEMENT = 2e-2
+
+# Shared by the scenarios: a frontend factory, a ragged batch on the GPU and warning capture.
+PRELUDE = r'''
+import json, logging, math, sys
+import torch
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+WARNINGS = []
+
+
+class _Keep(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            WARNINGS.append(record.getMessage())
+
+
+logging.getLogger().addHandler(_Keep())
+UPSTREAM = sys.argv[1]
+
+
+def frontend(attn="auto", strict=False):
+    from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
+
+    conf = {"upstream": "hf_wav2vec2_custom", "path_or_url": UPSTREAM}
+    return S3prlFlashCompatFrontend(frontend_conf=conf, attn_implementation=attn, strict=strict).cuda()
+
+
+def batch(lengths=(48000, 31000, 17000, 40000), seed=0):
+    """Four utterances of 3.0, 1.9, 1.1 and 2.5 s, zero-padded: random speech-level noise, never zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(len(lengths), max(lengths))
+    for i, n in enumerate(lengths):
+        x[i, :n] = 0.1 * torch.randn(n, generator=g)
+    return x.cuda(), torch.tensor(lengths).cuda()
+
+
+def valid(feats, lens):
+    """The frames that belong to an utterance (padding left out), concatenated."""
+    return torch.cat([f[:n] for f, n in zip(feats, lens.tolist())]).float()
+
+
+def encoder_lens(fe, lens, samples):
+    """``lens`` cut to the frames the HF encoder itself treats as valid. S3PRL rounds samples / 320, which can
+    count one frame more than the convolutions yield: a frame the encoder masks as padding, whose value then
+    depends on the attention backend (flash-attn leaves padded rows out, SDPA computes them)."""
+    return torch.minimum(lens, fe.upstream.upstream.model._get_feat_extract_output_lengths(samples))
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def train(fe, steps, autocast=None):
+    """``steps`` SGD steps of frontend + linear head on one batch (under ``autocast`` to that dtype); the losses."""
+    import contextlib
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(fe.output_size(), 8).cuda()
+    opt = torch.optim.SGD(list(fe.parameters()) + list(head.parameters()), lr=1e-2)
+    x, n = batch()
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cuda", dtype=autocast) if autocast else contextlib.nullcontext():
+            feats, lens = fe(x, n)
+            loss = head(valid(feats, lens)).float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def done(**result):
+    print("RESULT " + json.dumps(result), flush=True)
+'''
+
+
+def scenario(body, upstream, pythonpath=(), timeout=300):
+    """Run PRELUDE + ``body`` in a fresh interpreter; return its RESULT dict (fails with its output if none)."""
+    proc = run([sys.executable, "-c", PRELUDE + body, upstream], pythonpath=pythonpath, timeout=timeout)
+    sys.stderr.write(proc.stderr[-6000:])  # kept in the pytest report (-rA) and gpu.sh's log
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    result = json.loads(lines[-1][len("RESULT "):])
+    print(json.dumps(result, indent=1))
+    return result
+
+
+def probe(code, pythonpath=()):
+    """Run ``code`` in a fresh interpreter; (exit code, last stderr line, stderr)."""
+    proc = run([sys.executable, "-c", code], pythonpath=pythonpath, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode, lines[-1] if lines else "", proc.stderr
+
+
+@pytest.fixture(scope="session")
+def upstream(tmp_path_factory):
+    from espnet_flashcompat.testing import make_tiny_hf_upstream
+
+    return str(make_tiny_hf_upstream(tmp_path_factory.mktemp("gpu_w2v2"), hidden_size=256, num_layers=2, num_heads=4))
+
+
+@pytest.fixture(scope="session")
+def healthy_flash_attn():
+    """PYTHONPATH entries that give a working flash-attn for this GPU."""
+    where = os.environ.get(FLASH_DIR_ENV)
+    pythonpath = [where] if where else []
+    if not where and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip(f"no flash-attn: install one, or set {FLASH_DIR_ENV} to a --target install of it")
+    code, _, stderr = probe("import flash_attn, flash_attn_2_cuda; print(flash_attn.__version__)", pythonpath)
+    assert code == 0, f"the flash-attn meant to be healthy does not import:\n{stderr[-3000:]}"
+    return pythonpath
+
+
+@pytest.mark.gpu
+def test_a_healthy_flash_attn_auto_forced_and_agreement(upstream, healthy_flash_attn):
+    result = scenario(r'''
+from torch.profiler import ProfilerActivity, profile
+from espnet_flashcompat import guard
+
+healthy = guard.probe_flash_attn() is None
+x, n = batch()
+
+auto = frontend("auto").eval()
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    auto(x, n)
+auto_bf16 = auto.attn_decision
+with torch.no_grad():
+    auto(x, n)
+auto_fp32 = auto.attn_decision
+
+forced = frontend("flash_attention_2").eval()
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    fa, fa_lens = forced(x, n)
+kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower() or "fmha" in e.key.lower()})
+
+sdpa = frontend("sdpa").eval()  # the same checkpoint: the same weights
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    sd, sd_lens = sdpa(x, n)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+with torch.no_grad():
+    ref, _ = sdpa(x, n)  # fp32 reference
+m = encoder_lens(forced, fa_lens, n)
+
+done(healthy=healthy, auto_bf16=auto_bf16.implementation, auto_bf16_summary=auto_bf16.summary(),
+     auto_fp32=auto_fp32.implementation, auto_fp32_summary=auto_fp32.summary(),
+     forced=forced.attn_decision.implementation, forced_summary=forced.attn_decision.summary(),
+     model_attn=forced.upstream.upstream.model.config._attn_implementation, kernels=kernels,
+     same_lens=fa_lens.tolist() == sd_lens.tolist(), finite=bool(torch.isfinite(valid(fa, fa_lens)).all()),
+     fa_vs_sdpa=rel(valid(fa, m), valid(sd, m)), fa_vs_ref=rel(valid(fa, m), valid(ref, m)),
+     sdpa_vs_ref=rel(valid(sd, m), valid(ref, m)), s3prl_lens=fa_lens.tolist(), encoder_lens=m.tolist(),
+     s3prl_frames_fa_vs_sdpa=rel(valid(fa, fa_lens), valid(sd, sd_lens)),
+     all_frames_fa_vs_sdpa=rel(fa.float(), sd.float()), warnings=WARNINGS)
+''', upstream, healthy_flash_attn)
+    assert result["healthy"], "guard.probe_flash_attn() calls the healthy flash-attn broken"
+    # auto: a backend that runs here; never flash-attn for fp32 (its kernels refuse it), never eager on an H100.
+    assert result["auto_bf16"] in ("flash_attention_2", "sdpa"), result["auto_bf16_summary"]
+    assert result["auto_fp32"] == "sdpa" and "float32" in result["auto_fp32_summary"], result["auto_fp32_summary"]
+    # forced flash_attention_2 runs flash-attn's own kernels (flash::, not PyTorch's pytorch_flash:: copy)
+    assert result["forced"] == result["model_attn"] == "flash_attention_2", result["forced_summary"]
+    assert any("flash_fwd" in k and "pytorch_flash" not in k for k in result["kernels"]), result["kernels"]
+    assert result["same_lens"] and result["finite"]
+    assert result["fa_vs_sdpa"] < BF16_AGREEMENT, result
+    assert result["fa_vs_ref"] <= 1.5 * result["sdpa_vs_ref"] + 1e-3, result
+
+
+@pytest.mark.gpu
+def test_b_broken_flash_attn_trains_on_sdpa_and_strict_names_it(upstream, broken_flash_attn):
+    result = scenario(r'''
+import importlib.util
+installed = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn_2_cuda") is None
+try:  # first, in a process that has not met flash-attn yet
+    frontend("flash_attention_2", strict=True)
+    strict = None
+except Exception as exc:
+    strict = f"{type(exc).__name__}: {exc}"
+fe = frontend("auto")
+losses = train(fe, 3, autocast=torch.bfloat16)
+done(installed_without_kernels=installed, decision=fe.attn_decision.implementation,
+     summary=fe.attn_decision.summary(), losses=losses, strict=strict, warnings=WARNINGS)
+''', upstream, [broken_flash_attn])
+    assert result["installed_without_kernels"]
+    assert result["decision"] == "sdpa", result["summary"]
+    assert all(map(math.isfinite, result["losses"])) and result["losses"][-1] < result["losses"][0], result["losses"]
+    assert any(NO_CUDA_MODULE in w for w in result["warnings"]), result["warnings"]
+    assert result["strict"] is not None and result["strict"].startswith("AttentionUnavailableError: "), result["strict"]
+    assert NO_CUDA_MODULE in result["strict"], result["strict"]
+
+
+@pytest.mark.gpu
+def test_c_transformers_4_46_with_broken_flash_attn_on_cuda(upstream, old_transformers, broken_flash_attn):
+    pythonpath = [old_transformers, broken_flash_attn]
+    # The stock import dies. On torchaudio >= 2.9 byol_s's set_audio_backend kills it whatever flash-attn does,
+    # so the flash-attn death is also shown where it happens: transformers 4.46 imports flash-attn at import
+    # time when CUDA is available.
+    stock = probe("import torchaudio; print(torchaudio.__version__, flush=True)\nfrom s3prl.nn import S3PRLUpstream",
+                  pythonpath)
+    direct = probe("from transformers import Wav2Vec2Model", pythonpath)
+    print("stock s3prl.nn import:", stock[1], "\ntransformers 4.46 Wav2Vec2Model import:", direct[1])
+    assert stock[0] != 0 and ("set_audio_backend" in stock[2] or NO_CUDA_MODULE in stock[2]), stock[2][-3000:]
+    assert direct[0] != 0 and NO_CUDA_MODULE in direct[1], direct[2][-3000:]
+
+    result = scenario(r'''
+import torchaudio, transformers
+from espnet_flashcompat.guard import import_s3prl, recovered_faults
+
+s3prl = import_s3prl()
+fe = frontend("auto").eval()
+x, n = batch()
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    feats, lens = fe(x, n)
+done(transformers=transformers.__version__, torchaudio=torchaudio.__version__,
+     recovered=[f.error for f in recovered_faults()], decision=fe.attn_decision.implementation,
+     summary=fe.attn_decision.summary(), device=str(feats.device), shape=list(feats.shape),
+     finite=bool(torch.isfinite(valid(feats, lens)).all()), warnings=WARNINGS)
+''', upstream, pythonpath)
+    assert result["transformers"].startswith("4.46."), result["transformers"]
+    assert any(NO_CUDA_MODULE in error for error in result["recovered"]), result["recovered"]
+    assert result["decision"] == "sdpa", result["summary"]
+    assert result["device"] == "cuda:0" and result["finite"] and result["shape"][0] == 4
+
+
+@pytest.mark.gpu
+def test_d_fp32_kernel_error_downgrades_and_training_matches_sdpa(upstream, healthy_flash_attn):
+    result = scenario(r'''
+import os
+os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # before CUDA starts: deterministic cuBLAS
+import traceback
+from espnet_flashcompat import attention
+
+# 1. The policy's preflight knows that flash-attn refuses fp32 and downgrades before any kernel runs.
+pre = frontend("flash_attention_2")
+pre(*batch())
+preflight = pre.attn_decision.summary()
+
+# 2. The kernel's own error: flash_attention_2 set on an fp32 model, called.
+raw = frontend("sdpa")
+attention.apply(raw.upstream, "flash_attention_2")
+try:
+    raw.upstream.upstream.model(torch.randn(2, 16000, device="cuda"))
+    kernel_error, raised_in = None, None
+except RuntimeError as exc:
+    kernel_error, raised_in = str(exc), traceback.extract_tb(exc.__traceback__)[-1].filename
+
+# 3. A preflight that cannot see the dtype (it believes bf16): the fp32 batch reaches the kernel, whose error
+#    makes the frontend switch and re-run the batch. Training must then equal a plain SDPA run, step for step
+#    (deterministic kernels; a second SDPA run measures what is left of run-to-run noise).
+torch.use_deterministic_algorithms(True, warn_only=True)
+attention.effective_dtype = lambda device, dtype: torch.bfloat16
+fa = frontend("flash_attention_2")
+fa_losses = train(fa, 3)
+sd_losses = train(frontend("sdpa"), 3)
+sd2_losses = train(frontend("sdpa"), 3)
+done(preflight=preflight, kernel_error=kernel_error, raised_in=raised_in,
+     is_flash_kernel_error=kernel_error is not None and attention.is_flash_kernel_error(RuntimeError(kernel_error)),
+     after=fa.attn_decision.implementation, summary=fa.attn_decision.summary(),
+     fa_losses=fa_losses, sdpa_losses=sd_losses, sdpa2_losses=sd2_losses, warnings=WARNINGS)
+''', upstream, healthy_flash_attn)
+    assert "rejected flash_attention_2" in result["preflight"] and "float32" in result["preflight"], result["preflight"]
+    assert result["kernel_error"] is not None and FP32_KERNEL_ERROR in result["kernel_error"], result["kernel_error"]
+    assert "flash_attn" in result["raised_in"] and result["is_flash_kernel_error"], result["raised_in"]
+    assert result["after"] == "sdpa", result["summary"]
+    assert any(FP32_KERNEL_ERROR in w and "re-running the batch" in w for w in result["warnings"]), result["warnings"]
+    fa, sd, sd2 = result["fa_losses"], result["sdpa_losses"], result["sdpa2_losses"]
+    noise = max(abs(a - b) for a, b in zip(sd, sd2))  # 0.0 when the kernels are deterministic
+    assert fa[0] == sd[0], (fa, sd)  # the re-run batch is the SDPA computation itself
+    assert max(abs(a - b) for a, b in zip(fa, sd)) <= 2 * noise, (fa, sd, sd2)
+
+
+TRAIN_LAUNCHER = r'''
+import logging, sys
+import espnet_flashcompat
+from espnet_flashcompat import attention
+
+espnet_flashcompat.register()  # what the startup hook does; here the package comes from PYTHONPATH
+_decide = attention.decide
+
+
+def logged_decide(*args, **kwargs):  # observe only: record each decision with its device and dtype
+    decision = _decide(*args, **kwargs)
+    logging.getLogger("test_gpu").info("decision: %s", decision.summary())
+    return decision
+
+
+attention.decide = logged_decide
+from espnet2.bin.asr_train import main
+
+main(sys.argv[1:])
+'''
+
+WORDS = ("low", "mid", "high", "buzz")
+
+
+def _corpus(root):
+    """Kaldi-style train/dev dirs of 1-2 s tone utterances, a word token list and shape files."""
+    import numpy as np
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    tone = {"low": 300, "mid": 600, "high": 1200, "buzz": 2000}
+    for split, count in (("train", 8), ("dev", 4)):
+        d = root / split
+        d.mkdir(parents=True)
+        scp, text, shape = [], [], []
+        for i in range(count):
+            key, words = f"{split}{i:02d}", list(rng.choice(WORDS, size=3))
+            t = np.arange(5333) / 16000
+            wav = np.concatenate([0.3 * np.sin(2 * np.pi * tone[w] * t) for w in words])
+            wav = (wav + 0.01 * rng.standard_normal(len(wav))).astype("float32")
+            soundfile.write(d / f"{key}.wav", wav, 16000)
+            scp.append(f"{key} {d / f'{key}.wav'}")
+            text.append(f"{key} {' '.join(words)}")
+            shape.append(f"{key} {len(wav)}")
+        for name, lines in (("wav.scp", scp), ("text", text), ("speech_shape", shape)):
+            (d / name).write_text("\n".join(lines) + "\n")
+    (root / "tokens.txt").write_text("\n".join(["<blank>", "<unk>", *WORDS, "<sos/eos>"]) + "\n")
+
+
+RECIPE_CONFIG = "egs_example/asr1/conf/train_asr_flashcompat.yaml"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
+def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp):
+    import yaml
+
+    from faults import REPO
+
+    config = yaml.safe_load((REPO / RECIPE_CONFIG).read_text())
+    assert config["frontend"] == "s3prl_flashcompat"
+    config["frontend_conf"]["frontend_conf"]["path_or_url"] = upstream
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    _corpus(tmp_path)
+    argv = [sys.executable, "-c", TRAIN_LAUNCHER, "--config", tmp_path / "train.yaml", "--ngpu", "1",
+            "--output_dir", tmp_path / "exp", "--use_preprocessor", "true", "--token_type", "word",
+            "--token_list", tmp_path / "tokens.txt", "--batch_type", "unsorted", "--batch_size", "4",
+            "--max_epoch", "1", "--num_iters_per_epoch", "4", "--num_workers", "0", "--num_att_plot", "0",
+            "--seed", "0"]
+    for split, name in (("train", "train"), ("valid", "dev")):
+        argv += [f"--{split}_data_path_and_name_and_type", f"{tmp_path / name}/wav.scp,speech,sound",
+                 f"--{split}_data_path_and_name_and_type", f"{tmp_path / name}/text,text,text",
+                 f"--{split}_shape_file", tmp_path / name / "speech_shape"]
+    if amp:  # ESPnet runs the frontend outside autocast unless the model asks for it
+        argv += ["--use_amp", "true", "--model_conf", "autocast_frontend=true"]
+    proc = run(argv, pythonpath=healthy_flash_attn, timeout=300, cwd=tmp_path)
+    log = proc.stderr
+    (tmp_path / "train.log").write_text(log)
+    decisions = [line for line in log.splitlines() if "decision: attention" in line and "on cuda:0" in line]
+    print("\n".join(line for line in log.splitlines() if "s3prl_flashcompat" in line or "decision:" in line
+                    or "epoch results" in line))
+    assert proc.returncode == 0, log[-5000:]
+    assert (tmp_path / "exp" / "1epoch.pth").is_file()
+    assert decisions, log[-3000:]
+    if amp:  # the frontend runs in bf16: auto may take flash-attn's kernels or SDPA, never eager
+        assert "cuda:0 bfloat16" in decisions[-1], decisions
+        assert "attention flash_attention_2" in decisions[-1] or "attention sdpa" in decisions[-1], decisions
+    else:
+        assert "cuda:0 float32" in decisions[-1] and "attention sdpa" in decisions[-1], decisions
+    losses = re.findall(r"1epoch results: \[train\].*?\bloss=([^,]+),.*\[valid\].*?\bloss=([^,]+),", log)
+    assert losses and all(math.isfinite(float(v)) for v in losses[-1]), log[-3000:]  # train and valid loss
