@@ -1,7 +1,8 @@
 """Choose the attention backend of an S3PRL upstream, with a reason for every rejected candidate.
 
 ``decide()`` is the policy: it takes the request, the device, the dtype and the upstream, and returns an
-``AttnDecision``. ``apply()`` puts a decision into a Hugging Face model, and ``is_flash_kernel_error()``
+``AttnDecision``. Under ``auto`` on CUDA, when more than one backend passes, the decision lists them as
+``contenders`` and ``calibrate`` times them on the real batches. ``apply()`` puts a decision into a Hugging Face model, and ``is_flash_kernel_error()``
 recognises the flash-attn kernel errors that justify a switch at run time. Native S3PRL upstreams
 attend through ``F.multi_head_attention_forward`` (already SDPA) and offer no choice: their decision
 says ``native-sdpa`` rather than claim a choice that was not made.
@@ -51,6 +52,8 @@ class AttnDecision:
     rejected: Tuple[Rejection, ...] = ()
     source: str = "config"  # config | env
     context: str = ""  # "cuda:0 bfloat16", or "" before the device is known
+    contenders: Tuple[str, ...] = ()  # auto on CUDA: the healthy backends calibration chooses among
+    measured: bool = False  # chosen by timing the contenders (calibrate.pick)
 
     @property
     def downgraded(self) -> bool:
@@ -60,7 +63,9 @@ class AttnDecision:
         why = "; ".join(f"{r.backend}: {r.reason}" for r in self.rejected)
         where = f" on {self.context}" if self.context else ""
         src = f" ({ENV_VAR})" if self.source == "env" else ""
-        return f"attention {self.implementation}{where} (requested {self.requested}{src}){'; rejected ' + why if why else ''}"
+        how = ", measured" if self.measured else f", to calibrate among {'/'.join(self.contenders)}" if self.contenders else ""
+        return (f"attention {self.implementation}{where} (requested {self.requested}{src}{how})"
+                f"{'; rejected ' + why if why else ''}")
 
 
 def requested_backend(configured: str) -> Tuple[str, str]:
@@ -84,7 +89,9 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
     """The backend ``upstream`` should attend with on ``device``/``dtype`` (None: not known yet).
 
     ``auto`` takes the first candidate of flash_attention_2, sdpa, eager that passes its checks; an explicit
-    request is honoured when it passes them and otherwise downgraded (or, with ``strict``, refused).
+    request is honoured when it passes them and otherwise downgraded (or, with ``strict``, refused). On a known
+    CUDA device, ``auto`` with both flash_attention_2 and sdpa healthy names them as contenders for calibration;
+    eager never contends next to sdpa (it keeps every attention matrix: ~2.5x the memory of a 30 s train step).
     """
     context = f"{device} {str(dtype).replace('torch.', '')}" if device is not None else ""
     model = hf_model(upstream)
@@ -97,13 +104,17 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
         decision = AttnDecision(requested, native, rejected, source, context)
     else:
         candidates = _ORDER if requested == AUTO else _ORDER[_ORDER.index(requested):]
-        rejected = []
+        rejected, healthy = [], []
         for backend in candidates:
             reason = _rejection(backend, model, device, dtype)
             if reason is None:
-                decision = AttnDecision(requested, backend, tuple(rejected), source, context)
-                break
-            rejected.append(Rejection(backend, reason))
+                healthy.append(backend)
+            elif not healthy:
+                rejected.append(Rejection(backend, reason))
+        contenders = tuple(b for b in healthy if b != EAGER)
+        calibrate = requested == AUTO and device is not None and device.type == "cuda" and len(contenders) > 1
+        decision = AttnDecision(requested, healthy[0], tuple(rejected), source, context,
+                                contenders if calibrate else ())
     if strict and decision.rejected and requested != AUTO:
         raise AttentionUnavailableError(f"strict: {decision.summary()}")
     return decision

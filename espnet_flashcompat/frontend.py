@@ -2,11 +2,11 @@
 
 A thin subclass: S3PRL is imported through ``guard`` (so the stock ``from s3prl.nn import ...`` inside
 ESPnet's constructor succeeds), inputs are checked up front, the attention backend is chosen by
-``attention.decide`` for each device and dtype the frontend meets, and a flash-attn kernel error at run
-time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
+``attention.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``calibrate``
+times the healthy backends once per batch-shape bucket and keeps the fastest), and a flash-attn kernel error
+at run time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
 """
 
-import difflib
 import logging
 from typing import Dict, Optional, Tuple, Union
 
@@ -15,9 +15,9 @@ from espnet2.asr.frontend.s3prl import S3prlFrontend
 from espnet2.utils.get_default_kwargs import get_default_kwargs
 from espnet.nets.pytorch_backend.frontends.frontend import Frontend
 
-from espnet_flashcompat import attention
+from espnet_flashcompat import attention, calibrate
 from espnet_flashcompat.guard import import_s3prl, recovered_faults
-from espnet_flashcompat.hub import ResilientHub
+from espnet_flashcompat.hub import ResilientHub, close_names
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +47,17 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         self.strict = strict
         self.attn_request, self.attn_source = request, source
         self.import_faults = recovered_faults()
-        self._decisions: Dict[Tuple[str, str], attention.AttnDecision] = {}
+        self._static: Dict[Tuple[str, str], attention.AttnDecision] = {}  # (device, dtype) -> policy decision
+        self._measured: Dict[Tuple, attention.AttnDecision] = {}  # (device, dtype, shape bucket) -> calibrated
         self._warned = set()  # rejection tuples already warned about: one warning per decision
-        self.attn_decision = self._decide(None, None)
+        self.attn_decision = self._policy(None, None)
+        if self.attn_decision.implementation != attention.FLASH:  # flash waits for the device: on CPU fp32 it warns
+            attention.apply(self.upstream, self.attn_decision.implementation)
         logger.info("s3prl_flashcompat: upstream %s, %s", frontend_conf["upstream"], self.attn_decision.summary())
 
     def forward(self, input: torch.Tensor, input_lengths: torch.Tensor):
         _check_batch(input, input_lengths)
-        self._attend_on(input.device)
+        self._attend_on(input, input_lengths)
         try:
             return super().forward(input, input_lengths)
         except Exception as exc:
@@ -63,25 +66,39 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             self._fall_back(exc)
         return super().forward(input, input_lengths)
 
-    def _decide(self, device, dtype) -> attention.AttnDecision:
+    def _policy(self, device, dtype) -> attention.AttnDecision:
         decision = attention.decide(self.attn_request, self.upstream, device, dtype, self.attn_source, self.strict)
-        attention.apply(self.upstream, decision.implementation)
         if decision.downgraded and decision.rejected not in self._warned:
             self._warned.add(decision.rejected)
-            logger.warning("s3prl_flashcompat: %s. Fix: see `espnet-flashcompat doctor`", decision.summary())
+            logger.warning("s3prl_flashcompat: %s. Fix: %s", decision.summary(), _FIX)
         return decision
 
-    def _attend_on(self, device: torch.device) -> None:
-        """Decide once per (device, dtype in effect): a GPU run sees CUDA only after the model is moved."""
+    def _attend_on(self, input: torch.Tensor, input_lengths: torch.Tensor) -> None:
+        """The decision for this batch: the policy's, once per (device, dtype in effect), refined under ``auto``
+        by calibration once per shape bucket. A GPU run sees CUDA only after the model is moved."""
+        device = input.device
         model = attention.hf_model(self.upstream)
-        dtype = next(model.parameters()).dtype if model is not None else torch.float32
-        dtype = attention.effective_dtype(device, dtype)
-        key = (str(device), str(dtype))
-        if key not in self._decisions:
-            self._decisions[key] = self._decide(device, dtype)
-        elif self._decisions[key] is not self.attn_decision:
-            attention.apply(self.upstream, self._decisions[key].implementation)
-        self.attn_decision = self._decisions[key]
+        dtype = attention.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
+        key = self._key = (str(device), str(dtype))
+        if key not in self._static:
+            self._static[key] = self._policy(device, dtype)
+            if not self._static[key].contenders:
+                logger.info("s3prl_flashcompat: %s", self._static[key].summary())
+        decision = self._static[key]
+        if decision.contenders:
+            shape = calibrate.bucket(input, input_lengths)
+            if key + shape not in self._measured:
+                self._measured[key + shape] = self._calibrate(decision, shape, input, input_lengths)
+            decision = self._measured[key + shape]
+        attention.apply(self.upstream, decision.implementation)
+        self.attn_decision = decision
+
+    def _calibrate(self, decision, shape, input, input_lengths) -> attention.AttnDecision:
+        timings = calibrate.measure(lambda: S3prlFrontend.forward(self, input, input_lengths), decision.contenders,
+                                    lambda backend: attention.apply(self.upstream, backend), self, input.device)
+        measured = calibrate.pick(timings, decision, calibrate.describe(shape)) or decision
+        logger.info("s3prl_flashcompat: %s", measured.summary())
+        return measured
 
     def _fall_back(self, exc: Exception) -> None:
         failed = self.attn_decision
@@ -94,11 +111,16 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         decision = attention.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
                                           failed.source, failed.context)
         attention.apply(self.upstream, backend)
-        logger.warning("s3prl_flashcompat: flash-attn failed at run time; re-running the batch. %s. "
-                       "Fix: enable AMP (fp16/bf16) on an Ampere+ GPU, or set attn_implementation: sdpa",
-                       decision.summary())
-        self._decisions = {k: decision if v is failed else v for k, v in self._decisions.items()}
+        logger.warning("s3prl_flashcompat: flash-attn failed at run time; re-running the batch. %s. Fix: %s",
+                       decision.summary(), _FIX)
+        # This device and dtype now run on the fallback, whatever the batch shape: no more calibration.
+        self._static[self._key] = decision
+        self._measured = {k: v for k, v in self._measured.items() if k[:2] != self._key}
         self.attn_decision = decision
+
+
+_FIX = ("run flash-attn on an Ampere+ GPU in fp16/bf16 (ESPnet: use_amp: true AND model_conf: autocast_frontend: "
+        "true, else the frontend stays fp32), or set attn_implementation: sdpa; see `espnet-flashcompat doctor`")
 
 
 def _check_upstream(hub, name) -> None:
@@ -107,7 +129,7 @@ def _check_upstream(hub, name) -> None:
     if known:
         getattr(hub, name)  # imports its module now: S3PRLImportError names the real cause
         return
-    close = difflib.get_close_matches(str(name), hub.options(), n=5, cutoff=0.6)
+    close = close_names(hub, name)
     hint = f" Did you mean: {', '.join(close)}?" if close else " Run `espnet-flashcompat doctor` to list upstreams."
     raise ValueError(f"frontend_conf.upstream={name!r} is not an S3PRL upstream.{hint}")
 

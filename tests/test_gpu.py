@@ -37,13 +37,12 @@ import json, logging, math, sys
 import torch
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-WARNINGS = []
+WARNINGS, INFOS = [], []
 
 
 class _Keep(logging.Handler):
     def emit(self, record):
-        if record.levelno >= logging.WARNING:
-            WARNINGS.append(record.getMessage())
+        (WARNINGS if record.levelno >= logging.WARNING else INFOS).append(record.getMessage())
 
 
 logging.getLogger().addHandler(_Keep())
@@ -196,6 +195,55 @@ done(healthy=healthy, auto_bf16=auto_bf16.implementation, auto_bf16_summary=auto
     assert result["fa_vs_ref"] <= 1.5 * result["sdpa_vs_ref"] + 1e-3, result
 
 
+@pytest.fixture(scope="session")
+def dropout_upstream(tmp_path_factory):
+    """The GPU upstream with its dropouts on, so that a random draw spent by calibration would show."""
+    from espnet_flashcompat.testing import make_tiny_hf_upstream
+
+    return str(make_tiny_hf_upstream(tmp_path_factory.mktemp("gpu_w2v2_dropout"), hidden_size=256, num_layers=2,
+                                     num_heads=4, hidden_dropout=0.1, attention_dropout=0.1))
+
+
+@pytest.mark.gpu
+def test_auto_calibrates_on_the_real_batch(dropout_upstream, healthy_flash_attn):
+    """Section 3 of issue 5: auto times flash_attention_2 and sdpa on the first batch of each shape bucket, keeps
+    one, logs the timings once, and returns exactly what that backend returns (output, RNG); explicit choices stay."""
+    result = scenario(r'''
+def step(fe, x, n):
+    torch.manual_seed(7)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        feats, lens = fe(x, n)
+    feats.float().square().mean().backward()
+    return feats.detach().float(), torch.cuda.get_rng_state()
+
+x, n = batch()
+auto = frontend("auto").train()
+feats, rng = step(auto, x, n)
+first = auto.attn_decision
+for _ in range(2):
+    step(auto, x, n)  # the same bucket: no new calibration
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    auto(x, n)  # eval: a bucket of its own
+forced = frontend(first.implementation).train()
+forced_feats, forced_rng = step(forced, x, n)
+other = "sdpa" if first.implementation == "flash_attention_2" else "flash_attention_2"
+explicit = frontend(other).train()
+step(explicit, x, n)
+done(first=first.implementation, measured=first.measured, summary=first.summary(),
+     contenders=list(auto._static[auto._key].contenders), same_output=torch.equal(feats, forced_feats),
+     diff=rel(feats, forced_feats), same_rng=torch.equal(rng, forced_rng),
+     explicit=explicit.attn_decision.implementation, explicit_measured=explicit.attn_decision.measured,
+     calibrations=[m for m in INFOS if "measured" in m], warnings=WARNINGS)
+''', dropout_upstream, healthy_flash_attn)
+    assert result["contenders"] == ["flash_attention_2", "sdpa"], result
+    assert result["measured"] and " ms / " in result["summary"], result["summary"]
+    assert result["same_rng"], "calibration spent random numbers"
+    assert result["same_output"], f"calibrated output differs from the chosen backend's by {result['diff']}"
+    assert result["explicit"] != result["first"] and not result["explicit_measured"]
+    assert len(result["calibrations"]) == 2, result["calibrations"]  # one train bucket, one eval bucket
+    assert all("flash_attention_2 " in m and "sdpa " in m for m in result["calibrations"]), result["calibrations"]
+
+
 @pytest.mark.gpu
 def test_b_broken_flash_attn_trains_on_sdpa_and_strict_names_it(upstream, broken_flash_attn):
     result = scenario(r'''
@@ -300,21 +348,10 @@ done(preflight=preflight, kernel_error=kernel_error, raised_in=raised_in,
 
 
 TRAIN_LAUNCHER = r'''
-import logging, sys
+import sys
 import espnet_flashcompat
-from espnet_flashcompat import attention
 
 espnet_flashcompat.register()  # what the startup hook does; here the package comes from PYTHONPATH
-_decide = attention.decide
-
-
-def logged_decide(*args, **kwargs):  # observe only: record each decision with its device and dtype
-    decision = _decide(*args, **kwargs)
-    logging.getLogger("test_gpu").info("decision: %s", decision.summary())
-    return decision
-
-
-attention.decide = logged_decide
 from espnet2.bin.asr_train import main
 
 main(sys.argv[1:])
@@ -377,16 +414,31 @@ def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp)
     proc = run(argv, pythonpath=healthy_flash_attn, timeout=300, cwd=tmp_path)
     log = proc.stderr
     (tmp_path / "train.log").write_text(log)
-    decisions = [line for line in log.splitlines() if "decision: attention" in line and "on cuda:0" in line]
-    print("\n".join(line for line in log.splitlines() if "s3prl_flashcompat" in line or "decision:" in line
-                    or "epoch results" in line))
+    decisions = [line for line in log.splitlines() if "s3prl_flashcompat: attention" in line and "on cuda:0" in line]
+    print("\n".join(line for line in log.splitlines() if "s3prl_flashcompat" in line or "epoch results" in line))
     assert proc.returncode == 0, log[-5000:]
     assert (tmp_path / "exp" / "1epoch.pth").is_file()
     assert decisions, log[-3000:]
-    if amp:  # the frontend runs in bf16: auto may take flash-attn's kernels or SDPA, never eager
-        assert "cuda:0 bfloat16" in decisions[-1], decisions
+    if amp:  # the frontend runs in bf16: auto times flash-attn's kernels against SDPA, never eager
+        assert "cuda:0 bfloat16" in decisions[-1] and "measured" in decisions[-1], decisions
         assert "attention flash_attention_2" in decisions[-1] or "attention sdpa" in decisions[-1], decisions
     else:
         assert "cuda:0 float32" in decisions[-1] and "attention sdpa" in decisions[-1], decisions
     losses = re.findall(r"1epoch results: \[train\].*?\bloss=([^,]+),.*\[valid\].*?\bloss=([^,]+),", log)
     assert losses and all(math.isfinite(float(v)) for v in losses[-1]), log[-3000:]  # train and valid loss
+
+
+@pytest.mark.gpu
+def test_doctor_on_the_gpu(healthy_flash_attn):
+    """doctor on an H100 with a healthy flash-attn: healthy, both fast backends usable, auto recommended."""
+    proc = run([sys.executable, "-m", "espnet_flashcompat", "doctor", "--json", "--quick"],
+               pythonpath=healthy_flash_attn, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    gpu = next(d for d in report["devices"] if d["device"].startswith("cuda"))
+    print(json.dumps({"gpu": gpu, "attention": report["attention"], "yaml": report["recommended"]["yaml"]}, indent=1))
+    assert report["flash_attn"]["importable"] and gpu["capability"] == "9.0"
+    assert gpu["backends"]["flash_attention_2"]["ok"] and gpu["backends"]["sdpa"]["ok"]
+    assert gpu["auto_contenders"] == ["flash_attention_2", "sdpa"]
+    assert report["recommended"]["frontend_conf"]["attn_implementation"] == "auto"
+    assert "auto times flash_attention_2/sdpa" in report["recommended"]["yaml"]

@@ -1,0 +1,135 @@
+"""Measured-fastest ``auto``: time the healthy attention backends on the real batch and keep the fastest.
+
+``measure()`` runs one forward (and, when training, the backward into the trainable parameters) per backend and
+repeat, on the caller's own batch, and leaves no trace: the RNG is forked, buffers are restored, ``.grad`` is
+not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` turns the timings into an
+``AttnDecision``: the fastest of the backends whose peak memory is within ``MEMORY_CAP`` of the leanest, or
+the leaner one when two are within ``TIME_NOISE`` of each other, and a reason for every backend left out.
+``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
+"""
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from espnet_flashcompat.attention import AttnDecision, Rejection
+
+REPEATS = 7  # timed runs per backend, interleaved, after one untimed warm-up each (median kept)
+TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it
+MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
+MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
+
+
+@dataclass(frozen=True)
+class Timing:
+    backend: str
+    ms: float  # median over REPEATS
+    peak_bytes: int  # peak allocated above the memory in use before the run
+
+    def __str__(self) -> str:
+        return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB"
+
+
+def bucket(input: torch.Tensor, lengths: torch.Tensor) -> Tuple:
+    """The shapes one calibration stands for: train or eval, batch size and padded length to the next power
+    of two, and whether the batch is ragged (flash-attn takes another, slower path for padded batches)."""
+    batch, samples = input.shape[0], input.shape[-1]
+    ragged = bool((lengths < samples).any())
+    return (torch.is_grad_enabled(), 2 ** math.ceil(math.log2(batch)), 2 ** math.ceil(math.log2(samples)), ragged)
+
+
+def describe(key: Tuple) -> str:
+    grad, batch, samples, ragged = key
+    return (f"{'train' if grad else 'eval'}, batch <= {batch}, <= {samples / 16000:g} s at 16 kHz"
+            f"{', ragged' if ragged else ''}")
+
+
+def measure(forward: Callable[[], object], backends: Sequence[str], switch: Callable[[str], None],
+            module: torch.nn.Module, device: torch.device) -> Dict[str, Union[Timing, str]]:
+    """Backend -> its Timing on ``forward()``, or the error it raised (an out-of-memory, a kernel limit)."""
+    trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+    times: Dict[str, list] = {b: [] for b in backends}
+    peaks: Dict[str, int] = dict.fromkeys(backends, 0)
+    failed: Dict[str, str] = {}
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            for round_ in range(REPEATS + 1):  # round 0 warms up; the order alternates from round to round
+                for backend in (backends if round_ % 2 else backends[::-1]):
+                    if backend in failed:
+                        continue
+                    try:
+                        ms, peak = _run_once(forward, backend, switch, trainable, device)
+                    except Exception as exc:  # this backend cannot run this batch: it is out, with its reason
+                        failed[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                        continue
+                    if round_:
+                        times[backend].append(ms)
+                    peaks[backend] = max(peaks[backend], peak)
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
+    return {b: failed.get(b) or Timing(b, statistics.median(times[b]), peaks[b]) for b in backends}
+
+
+def _run_once(forward, backend, switch, trainable, device) -> Tuple[float, int]:
+    switch(backend)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    out = forward()
+    tensors = [t for t in _tensors(out) if t.requires_grad]
+    if trainable and tensors:
+        grads = [torch.ones_like(t) for t in tensors]
+        torch.autograd.grad(tensors, trainable, grads, allow_unused=True)
+    if cuda:
+        torch.cuda.synchronize(device)
+    ms = 1000 * (time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) - base if cuda else 0
+    return ms, peak
+
+
+def _tensors(out) -> Iterable[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        yield out
+    elif isinstance(out, (tuple, list)):
+        for item in out:
+            yield from _tensors(item)
+
+
+def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str) -> Optional[AttnDecision]:
+    """The decision the timings support (``base`` gives the request and its earlier rejections); None when no
+    backend ran, so that the caller keeps its own choice."""
+    ran = [t for t in timings.values() if isinstance(t, Timing)]
+    if not ran:
+        return None
+    rejected = [Rejection(b, f"failed during calibration: {t}") for b, t in timings.items() if isinstance(t, str)]
+    leanest = min(ran, key=lambda t: t.peak_bytes)
+    cap = MEMORY_CAP * max(leanest.peak_bytes, 1)
+    fits = [t for t in ran if t.peak_bytes <= cap]
+    fastest = min(fits, key=lambda t: t.ms)
+    tied = [t for t in fits if t.ms <= fastest.ms * (1 + TIME_NOISE)]
+    lean_tie = min(tied, key=lambda t: t.peak_bytes)
+    chosen = lean_tie if lean_tie.peak_bytes < fastest.peak_bytes * (1 - MEMORY_NOISE) else fastest
+    for t in ran:
+        if t is chosen:
+            continue
+        if t.peak_bytes > cap:
+            why = f"peak memory {t.peak_bytes / max(leanest.peak_bytes, 1):.2f}x the leanest ({t} vs {leanest})"
+        elif t in tied:
+            leaner = chosen.peak_bytes < t.peak_bytes * (1 - MEMORY_NOISE)
+            why = f"ties within {TIME_NOISE:.0%}{', and uses more memory' if leaner else ''} ({t} vs {chosen})"
+        else:
+            why = f"slower ({t} vs {chosen})"
+        rejected.append(Rejection(t.backend, why))
+    return AttnDecision(base.requested, chosen.backend, base.rejected + tuple(rejected), base.source,
+                        f"{base.context}, {where}", measured=True)

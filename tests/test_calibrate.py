@@ -1,0 +1,150 @@
+"""Measured-fastest ``auto``: the choice rules, and calibration that leaves no trace (CPU).
+
+On CUDA, ``attention.decide`` names flash_attention_2 and sdpa as contenders; on CPU nothing contends, so the
+frontend tests let sdpa and eager contend instead (the ``cpu_contenders`` fixture). The real H100 run of the
+same path is ``tests/test_gpu.py::test_auto_calibrates_on_the_real_batch``.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from espnet_flashcompat import attention, calibrate
+from espnet_flashcompat.calibrate import Timing
+from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
+
+GIB = 2**30
+BASE = attention.AttnDecision("auto", "flash_attention_2", (), "config", "cuda:0 bfloat16",
+                              ("flash_attention_2", "sdpa"))
+
+
+def _pick(**timings):
+    return calibrate.pick({b: (t if isinstance(t, str) else Timing(b, *t)) for b, t in timings.items()}, BASE, "x")
+
+
+def test_fastest_wins():
+    decision = _pick(flash_attention_2=(34.8, 1 * GIB), sdpa=(25.3, 1 * GIB))
+    assert decision.implementation == "sdpa" and decision.measured
+    assert [(r.backend, r.reason.split(" (")[0]) for r in decision.rejected] == [("flash_attention_2", "slower")]
+    assert "flash_attention_2 34.8 ms" in decision.summary() and "measured" in decision.summary()
+
+
+def test_a_tie_goes_to_the_leaner_backend():
+    # issue 5's 30 s ragged train step: sdpa 134 ms / 9.46 GiB, flash 135 ms / 9.06 GiB (within 2%)
+    decision = _pick(flash_attention_2=(135.0, 9.06 * GIB), sdpa=(134.0, 9.46 * GIB))
+    assert decision.implementation == "flash_attention_2"
+    assert "ties within 2%, and uses more memory" in decision.rejected[0].reason
+    # ... but not for a memory difference within noise
+    assert _pick(flash_attention_2=(135.0, 9.06 * GIB), sdpa=(134.0, 9.1 * GIB)).implementation == "sdpa"
+    # ... and a 3% lead in time is not a tie
+    assert _pick(flash_attention_2=(138.1, 9.06 * GIB), sdpa=(134.0, 9.46 * GIB)).implementation == "sdpa"
+
+
+def test_never_above_1_1x_the_leanest_memory():
+    decision = _pick(flash_attention_2=(100.0, 9.0 * GIB), sdpa=(80.0, 10.0 * GIB))
+    assert decision.implementation == "flash_attention_2"
+    assert "peak memory 1.11x the leanest" in decision.rejected[0].reason
+
+
+def test_a_backend_that_fails_is_left_out_with_its_error():
+    decision = _pick(flash_attention_2="RuntimeError: FlashAttention only support fp16 and bf16 data type",
+                     sdpa=(25.0, GIB))
+    assert decision.implementation == "sdpa"
+    assert decision.rejected[0] == attention.Rejection(
+        "flash_attention_2", "failed during calibration: RuntimeError: FlashAttention only support fp16 and bf16 data type")
+    assert _pick(flash_attention_2="OutOfMemoryError", sdpa="OutOfMemoryError") is None
+
+
+def test_buckets():
+    lengths = torch.tensor([48000, 30000])
+    with torch.no_grad():
+        eval_key = calibrate.bucket(torch.zeros(2, 48000), lengths)
+    train_key = calibrate.bucket(torch.zeros(2, 48000), lengths)
+    assert eval_key == (False, 2, 65536, True) and train_key == (True, 2, 65536, True)
+    assert calibrate.bucket(torch.zeros(3, 40000), torch.tensor([40000] * 3)) == (True, 4, 65536, False)
+    assert calibrate.describe(train_key) == "train, batch <= 2, <= 4.096 s at 16 kHz, ragged"
+
+
+@pytest.fixture(scope="module")
+def hf_conf(tmp_path_factory):
+    """A tiny wav2vec2 with its dropouts on, so that a stray random draw shows."""
+    from espnet_flashcompat.testing import make_tiny_hf_upstream
+
+    path = make_tiny_hf_upstream(tmp_path_factory.mktemp("dropout_w2v"), hidden_dropout=0.1, attention_dropout=0.1)
+    return {"upstream": "hf_wav2vec2_custom", "path_or_url": str(path)}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(3, 24000, generator=g), torch.tensor([24000, 17000, 9000])
+
+
+def test_measure_leaves_no_trace(hf_conf):
+    """Dropout draws, ``.grad`` and buffers are as if calibration never ran; both backends are timed."""
+    frontend = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True).train()
+    frontend.register_buffer("counter", torch.zeros(1))  # a buffer the forward changes, like BatchNorm stats
+    frontend.upstream.register_forward_hook(lambda *_: frontend.counter.add_(1) and None)
+    x, lengths = _batch()
+    torch.manual_seed(1)
+    rng = torch.get_rng_state()
+    timings = calibrate.measure(lambda: frontend(x, lengths), ("sdpa", "eager"),
+                                lambda b: attention.apply(frontend.upstream, b), frontend, x.device)
+    assert torch.equal(torch.get_rng_state(), rng) and frontend.counter.item() == 0
+    assert all(p.grad is None for p in frontend.parameters())
+    assert {b: type(t) for b, t in timings.items()} == {"sdpa": Timing, "eager": Timing}
+    assert all(t.ms > 0 for t in timings.values())
+
+
+@pytest.fixture()
+def cpu_contenders(monkeypatch):
+    """Let sdpa and eager contend on CPU, as flash_attention_2 and sdpa do on CUDA."""
+    decide = attention.decide
+
+    def contending(requested, upstream, device=None, dtype=None, source="config", strict=False):
+        decision = decide(requested, upstream, device, dtype, source, strict)
+        if requested == attention.AUTO and device is not None:
+            decision = attention.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
+                                              decision.context, ("sdpa", "eager"))
+        return decision
+
+    monkeypatch.setattr(attention, "decide", contending)
+
+
+def _step(frontend, x, lengths):
+    torch.manual_seed(3)  # dropout is on: the same draws for every run
+    feats, feats_len = frontend(x, lengths)
+    feats.square().mean().backward()
+    return feats.detach(), {n: p.grad.clone() for n, p in frontend.named_parameters() if p.grad is not None}
+
+
+def test_calibration_returns_what_the_chosen_backend_returns(hf_conf, cpu_contenders, caplog):
+    """The calibrated batch's output and gradients equal a run forced onto the backend calibration chose."""
+    x, lengths = _batch()
+    auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True).train()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        feats, grads = _step(auto, x, lengths)
+    chosen = auto.attn_decision
+    assert chosen.measured and chosen.implementation in ("sdpa", "eager")
+    forced = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True,
+                                      attn_implementation=chosen.implementation).train()
+    forced_feats, forced_grads = _step(forced, x, lengths)
+    assert torch.equal(feats, forced_feats)
+    assert grads.keys() == forced_grads.keys() and all(torch.equal(grads[n], forced_grads[n]) for n in grads)
+    calibrations = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert len(calibrations) == 1 and "sdpa" in calibrations[0] and " ms / " in calibrations[0]
+
+
+def test_one_calibration_per_bucket_and_explicit_choices_stay(hf_conf, cpu_contenders, caplog):
+    x, lengths = _batch()
+    auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        for _ in range(3):
+            auto(x, lengths)  # train bucket: calibrated once
+        with torch.no_grad():
+            auto(x, lengths)  # eval bucket: calibrated once more
+            auto(x[:, :16000], lengths.clamp(max=16000))  # a shorter bucket
+    assert sum("measured" in r.getMessage() for r in caplog.records) == 3
+    explicit = S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="eager").train()
+    explicit(x, lengths)
+    assert explicit.attn_decision.implementation == "eager" and not explicit.attn_decision.measured
