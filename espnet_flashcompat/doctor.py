@@ -32,14 +32,16 @@ JSON schema, version 1 (``--json``; keys are only ever added within a schema ver
     package          {version, path}                      espnet-flashcompat itself
     python           {version, executable}
     torch            {version, cuda_build, cuda_available, error}
-    devices          [{device, name, capability, backends, auto}]
+    devices          [{device, name, capability, backends, auto, auto_contenders}]
                      device "cpu" or "cuda:N"; capability "8.0" or null; each judged in bfloat16 on the tiny
                      HF model by attention.decide: backends = {flash_attention_2|sdpa|eager: {ok, reason}},
-                     auto = what attn_implementation auto picks there (null when no decision could be made)
+                     auto = what attn_implementation auto picks there (null when no decision could be made);
+                     auto_contenders = the backends it times on the first batches there ([] when it need not)
     flash_attn       {installed, version, location, importable, error: diagnosis|null,
                       transformers_believes_available: bool|null}   (read before probing)
     transformers     {version}
-    s3prl            {version, usable, error: diagnosis|null, recovered: [diagnosis]  (guard.recovered_faults()),
+    s3prl            {version, usable, error: diagnosis|null, recovered: [diagnosis]  (guard.recovered_faults(), less
+                      the flash probe's own, which is flash_attn.error: each fault is listed once),
                       upstream: {name, package, ok, error: diagnosis|null}|null,   the --upstream one
                       upstreams: {probed, ok: [package], failed: {package: diagnosis}}}
                       (quick mode: probed false, only the packages imported so far; upstream and
@@ -51,13 +53,14 @@ JSON schema, version 1 (``--json``; keys are only ever added within a schema ver
                      in frontend_choices after registry.register(); absent: not in this ESPnet; error: its
                      import failed; unchecked (--quick): present, registered when it is imported
     startup_hook     registry.hook_state(), taken before doctor calls registry.register()
-    attention        {env_override, env_error, decided_on: "cuda:0 bfloat16"|null, implementation: str|null}
-                     implementation: what auto picks on the GPU of highest compute capability, else the CPU
+    attention        {env_override, env_error, decided_on: "cuda:0 bfloat16"|null, implementation: str|null,
+                      contenders: [str]}
+                     implementation: what auto picks on the GPU of highest compute capability, else the CPU;
+                     contenders: what auto times there (then the recommended YAML keeps auto)
     recommended      {frontend, frontend_conf, yaml}     frontend_conf as the YAML nests it
     findings         [{level: "error"|"degraded"|"warning", topic, message, fix}]
 """
 
-import difflib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -69,7 +72,7 @@ from typing import Callable, Dict, List, Optional
 
 import espnet_flashcompat
 from espnet_flashcompat import guard
-from espnet_flashcompat.hub import upstream_of
+from espnet_flashcompat.hub import close_names, upstream_of
 
 SCHEMA_VERSION = 1
 HEALTHY, DEGRADED, BROKEN = 0, 1, 2
@@ -94,7 +97,7 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     report["transformers"] = {"version": _version("transformers")}
     report["flash_attn"] = _flash_attn(add)
     report["torch"] = _torch()
-    report["s3prl"] = _s3prl(add, quick, upstream)
+    report["s3prl"] = _s3prl(add, quick, upstream, probed=report["flash_attn"]["error"])
     report["attention"] = _env_override(add)
     model = _tiny_hf_upstream(add) if report["s3prl"]["usable"] else None
     report["devices"] = _devices(model, report["torch"])
@@ -191,7 +194,9 @@ def _torch() -> dict:
     return info
 
 
-def _s3prl(add, quick: bool, upstream: Optional[str]) -> dict:
+def _s3prl(add, quick: bool, upstream: Optional[str], probed: Optional[dict]) -> dict:
+    """``probed``: the flash probe's diagnosis. Probing hides a broken flash-attn and so records it in
+    ``guard.recovered_faults()`` too; ``recovered`` leaves it out, keeping the faults import_s3prl() met."""
     info = {"version": _version("s3prl"), "usable": False, "error": None, "recovered": [],
             "upstream": None, "upstreams": {"probed": False, "ok": [], "failed": {}}}
     try:
@@ -201,7 +206,10 @@ def _s3prl(add, quick: bool, upstream: Optional[str]) -> dict:
         add(ERROR, "s3prl", f"S3PRL cannot be imported: {_cause(exc.diagnosis)}", exc.diagnosis.hint)
         return info
     finally:
-        info["recovered"] = [d.as_dict() for d in guard.recovered_faults()]
+        info["recovered"] = [d.as_dict() for d in guard.recovered_faults() if d.as_dict() != probed]
+        for d in info["recovered"]:  # the probe imported flash-attn's kernels, but S3PRL's import met it broken
+            add(FALLBACK, "flash_attn", f"importing S3PRL met a broken flash-attn: {d['error']}{_at(d['where'])}; "
+                "it is hidden and HF upstreams fall back to SDPA", d["hint"])
     info["usable"] = True
     hub = s3prl.hub
     info["upstream"] = _named_upstream(add, hub, upstream or DEFAULT_UPSTREAM, required=upstream is not None)
@@ -232,7 +240,7 @@ def _named_upstream(add, hub, name: str, required: bool) -> dict:
         add(ERROR if required else WARNING, "upstream",
             f"upstream '{name}' cannot be imported: {_cause(exc.diagnosis)}", exc.diagnosis.hint)
     except AttributeError:
-        close = difflib.get_close_matches(name, hub.options(), n=5, cutoff=0.6)
+        close = close_names(hub, name)
         hint = f"did you mean: {', '.join(close)}?" if close else "see `espnet-flashcompat doctor` for the upstreams"
         info["error"] = guard.Diagnosis(guard.OTHER, f"{name!r} is not an S3PRL upstream", hint=hint).as_dict()
         add(ERROR if required else WARNING, "upstream", info["error"]["error"], hint)
@@ -308,7 +316,8 @@ def _devices(model, torch_info: dict) -> List[dict]:
             reasons = [r.reason for r in decision.rejected if r.backend == backend]
             device["backends"][backend] = {"ok": decision.implementation == backend,
                                            "reason": reasons[0] if reasons else None}
-        device["auto"] = attention.decide(attention.AUTO, model, where, dtype).implementation
+        auto = attention.decide(attention.AUTO, model, where, dtype)
+        device["auto"], device["auto_contenders"] = auto.implementation, list(auto.contenders)
     return devices
 
 
@@ -316,7 +325,8 @@ def _recommended_decision(devices: List[dict]) -> dict:
     """What auto picks on the GPU of highest compute capability (the first on ties), else on the CPU."""
     gpus = [d for d in devices if d["capability"]]
     best = max(gpus, key=lambda d: tuple(map(int, d["capability"].split(".")))) if gpus else devices[0]
-    return {"decided_on": f"{best['device']} {PROBE_DTYPE}" if best["auto"] else None, "implementation": best["auto"]}
+    return {"decided_on": f"{best['device']} {PROBE_DTYPE}" if best["auto"] else None, "implementation": best["auto"],
+            "contenders": best.get("auto_contenders", [])}
 
 
 def _espnet(add, quick: bool) -> dict:
@@ -362,6 +372,10 @@ def _recommend(upstream: str, attention_info: dict) -> dict:
         inner["path_or_url"] = "<HF model directory or hub id>"
     implementation = attention_info["implementation"]
     comment = f"what auto picks on {attention_info['decided_on']}" if implementation else "decided at run time"
+    if attention_info.get("contenders"):  # several healthy backends: auto measures them, so keep auto
+        implementation = None
+        comment = (f"on {attention_info['decided_on']} auto times {'/'.join(attention_info['contenders'])} "
+                   "on the first batches and keeps the faster")
     conf = {"frontend_conf": inner, "download_dir": "./hub", "multilayer_feature": True,
             "attn_implementation": implementation or "auto"}
     lines = ["frontend: s3prl_flashcompat", "frontend_conf:", "  frontend_conf:"]

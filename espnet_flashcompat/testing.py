@@ -9,6 +9,8 @@ wav2vec2 or HuBERT model (``save_pretrained`` plus the ``preprocessor_config.jso
 from pathlib import Path
 
 UPSTREAM_OF = {"wav2vec2": "hf_wav2vec2_custom", "hubert": "hf_hubert_custom"}
+_WRITTEN = ("config.json", "preprocessor_config.json")  # the preprocessor config is written last
+_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
 def make_tiny_hf_upstream(
@@ -26,12 +28,12 @@ def make_tiny_hf_upstream(
     ``layerdrop`` is 0 because S3PRL leaves the model in train mode, where layerdrop would change the
     number of hidden states from one call to the next.
     """
+    out = Path(out_dir)
+    if all((out / f).is_file() for f in _WRITTEN) and any((out / f).is_file() for f in _WEIGHTS):
+        return out  # written before: found without importing torch and transformers (seconds)
     import torch
     from transformers import HubertConfig, HubertModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-    out = Path(out_dir)
-    if (out / "config.json").is_file() and (out / "preprocessor_config.json").is_file():
-        return out
     config_cls, model_cls = {
         "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
         "hubert": (HubertConfig, HubertModel),

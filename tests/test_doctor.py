@@ -93,6 +93,7 @@ def test_broken_flash_attn_is_degraded(request, fixture, cause):
     assert cause in fa["error"]["error"] and fa["error"]["kind"] == "flash_attn"
     assert report["status"] == "degraded" and _levels(report, "flash_attn") == ["degraded"]
     assert report["s3prl"]["usable"] and report["devices"][0]["auto"] == "sdpa"
+    assert report["s3prl"]["recovered"] == []  # listed once, as flash_attn.error
     assert cause in report["devices"][0]["backends"]["flash_attention_2"]["reason"]
     text = render(report)
     assert "flash_attn_2_cuda" in text and "DEGRADED flash-attn 2.8.3.post2 is installed but broken" in text

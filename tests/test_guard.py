@@ -143,7 +143,7 @@ print("LOADED", sorted(m for m in sys.modules if m.endswith(".hubconf")))
 
 
 def test_index_matches_the_entry_points_of_stock_hub():
-    """Our ast index lists exactly the functions stock s3prl.hub exports (made importable by a shim here)."""
+    """Our index lists exactly the functions stock s3prl.hub exports (made importable by a shim here)."""
     code = """
 import importlib, sys, types, inspect, json
 import torchaudio
@@ -162,3 +162,13 @@ print("RESULT", json.dumps({"missing": sorted(stock_functions - set(index)), "ex
     result = _result(run_python(code))
     assert result["missing"] == [] and result["extra"] == [] and result["modules_agree"]
     assert result["count"] > 150
+
+
+def test_tiny_upstream_already_written_is_reused_without_importing_torch(tiny_wav2vec2):
+    code = f"""
+import sys
+from espnet_flashcompat.testing import make_tiny_hf_upstream
+print("REUSED", make_tiny_hf_upstream({str(tiny_wav2vec2)!r}), "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    proc = run_python(code)
+    assert f"REUSED {tiny_wav2vec2} False False" in proc.stdout, proc.stdout + proc.stderr
