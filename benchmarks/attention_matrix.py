@@ -2,16 +2,18 @@
 
 For a wav2vec2 and a HuBERT encoder of base size (hidden 768, 12 layers, 12 heads, random weights, bf16 weights
 and inputs, batch 8), at 10 s and 30 s, full and ragged batches, inference and a train step: the median time
-(CUDA events around each iteration, after warm-up; rounds that alternate the order of the backends) and the peak memory
-(``max_memory_allocated``: weights, inputs, activations and gradients), with each backend's ratio to the best
-of its row. ``auto`` is what the package's policy (``espnet_flashcompat.attention.decide``) picks for that model,
-device and dtype, timed like the others. Ragged batches lengths run from 100% down to 30% of the longest and pass
-an attention mask, as S3PRL does; full batches pass none. The train step is forward plus backward of a scalar
+(CUDA events around each iteration, after warm-up; rounds that shuffle the order of the backends, and more
+rounds while a column drifts) and the peak memory (``max_memory_allocated``: weights, inputs, activations and
+gradients), with each backend's ratio to the best of its row. ``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row: the
+policy (``attention.decide``) names the healthy contenders and the calibration the frontend runs on its first
+batch of each shape bucket (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) chooses among
+them; the pick is then timed like the others. Ragged batches lengths run from 100% down to 30% of the longest
+and pass an attention mask, as S3PRL does; full batches pass none. The train step is forward plus backward of a scalar
 loss in train mode (the models' dropouts; layerdrop and SpecAugment masking off, so that every step does the
 same work). Needs CUDA and, for the flash_attention_2 column, a working flash-attn imported before transformers.
 
-    python benchmarks/attention_matrix.py --out DIR              # both models: ~4.5 min on an H100
-    python benchmarks/attention_matrix.py --models wav2vec2 --iters 5 --rounds 2   # a quick look
+    python benchmarks/attention_matrix.py --out DIR              # both models: ~8.5 min on an H100
+    python benchmarks/attention_matrix.py --models wav2vec2 --rounds 4   # a quick look
 
 Writes DIR/attention_matrix.md (tables) and DIR/attention_matrix.json (every timing), and prints the tables.
 """
@@ -21,6 +23,7 @@ import datetime
 import json
 import logging
 import platform
+import random
 import statistics
 import sys
 import types
@@ -95,6 +98,19 @@ def auto_choice(model, dtype):
     return attention.decide(attention.AUTO, holder, torch.device("cuda", torch.cuda.current_device()), dtype)
 
 
+def calibrated_choice(model, decision, x, mask, train: bool):
+    """What the frontend's calibration picks on this batch: (decision, {backend: timing or error})."""
+    from espnet_flashcompat import calibrate
+
+    if not decision.contenders:
+        return decision, {}
+    with torch.set_grad_enabled(train):
+        timings = calibrate.measure(lambda: model(x, attention_mask=mask).last_hidden_state, decision.contenders,
+                                    lambda backend: set_backend(model, backend), model, x.device)
+    picked = calibrate.pick(timings, decision, "benchmark row") or decision
+    return picked, {b: str(t) for b, t in timings.items()}
+
+
 def set_backend(model, backend: str) -> None:
     from espnet_flashcompat import attention
 
@@ -102,7 +118,17 @@ def set_backend(model, backend: str) -> None:
     assert model.config._attn_implementation == backend, model.config._attn_implementation
 
 
-def run_model(kind, cases, backends, dtype, warmup, iters, rounds):
+STABLE = 0.03  # a column is stable when the medians of 4 consecutive stretches of it agree within 3%
+
+
+def spread(times) -> float:
+    """(max - min) / min over the medians of 4 consecutive stretches of ``times``: drift and bursts show here."""
+    quarter = max(len(times) // 4, 1)
+    parts = [statistics.median(times[i * quarter:(i + 1) * quarter] or times) for i in range(4)]
+    return (max(parts) - min(parts)) / min(parts)
+
+
+def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
     model = make_model(kind, dtype)
     decision = auto_choice(model, dtype)
     logger.info("%s: auto -> %s", kind, decision.summary())
@@ -110,15 +136,20 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds):
     for seconds, ragged, train in cases:
         model.train(train)
         x, mask = make_batch(seconds, ragged, dtype)
+        picked, calibration = calibrated_choice(model, decision, x, mask, train)
+        logger.info("%s %gs%s %s: calibration %s -> %s", kind, seconds, " ragged" if ragged else "",
+                    "train" if train else "inference", calibration, picked.implementation)
         cells = {b: {"times": [], "peak": 0} for b in (*backends, "auto")}
-        for r in range(rounds):  # alternate the order so that drift falls on every backend alike
-            order = list(cells) if r % 2 == 0 else list(cells)[::-1]
+        r = 0  # ``rounds`` rounds, then more (up to ``max_rounds``) while a column is not stable
+        while r < rounds or (r < max_rounds and any(spread(c["times"]) > STABLE for c in cells.values() if c["times"])):
+            r += 1
+            order = random.Random(r).sample(list(cells), len(cells))  # a new order every round: no position bias
             for name in order:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    set_backend(model, decision.implementation if name == "auto" else name)
-                    cells[name]["times"] += measure(step_fn(model, x, mask, train), warmup, iters)
+                    set_backend(model, picked.implementation if name == "auto" else name)
+                    cells[name]["times"] += measure(step_fn(model, x, mask, train), warmup + 2 * (r == 1), iters)
                 except Exception as exc:  # a backend that cannot run this row says why in its cell
                     cells[name]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                     logger.warning("%s %s: %s", kind, name, cells[name]["error"])
@@ -129,14 +160,14 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds):
         for name, cell in cells.items():
             if cell["times"]:
                 cell["median_ms"] = statistics.median(cell["times"])
-                halves = [statistics.median(cell["times"][i * iters:(i + 1) * iters]) for i in range(rounds)]
-                cell["round_spread"] = (max(halves) - min(halves)) / min(halves)
+                cell["round_spread"] = spread(cell["times"])
             cell["peak_gib"] = cell.pop("peak") / 2**30
         best = min((c["median_ms"] for n, c in cells.items() if n != "auto" and "median_ms" in c), default=None)
         for cell in cells.values():
             if "median_ms" in cell and best:
                 cell["ratio"] = cell["median_ms"] / best
-        row = {"seconds": seconds, "ragged": ragged, "train": train, "auto": decision.implementation, "cells": cells}
+        row = {"seconds": seconds, "ragged": ragged, "train": train, "auto": picked.implementation,
+               "calibration": calibration, "rounds": r, "cells": cells}
         rows.append(row)
         logger.info("%s %s: %s", kind, case_name(row), "  ".join(
             f"{n} {c.get('median_ms', float('nan')):.1f} ms ({c['peak_gib']:.2f} GiB)" for n, c in cells.items()))
@@ -151,8 +182,8 @@ def case_name(row) -> str:
 
 def table(result, backends) -> str:
     names = (*backends, "auto")
-    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked |",
-             "|---" * (len(names) + 2) + "|"]
+    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked | pick / best | rounds, worst spread |",
+             "|---" * (len(names) + 4) + "|"]
     for row in result["rows"]:
         cells = []
         for name in names:
@@ -162,7 +193,10 @@ def table(result, backends) -> str:
                 continue
             best = " **best**" if c["ratio"] == 1.0 and name != "auto" else ""
             cells.append(f"{c['median_ms']:.1f} ms, {c['ratio']:.2f}x, {c['peak_gib']:.2f} GiB{best}")
-        lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {row['auto']} |")
+        worst = max(c.get("round_spread", 0.0) for c in row["cells"].values())
+        pick = row["cells"].get(row["auto"], {}).get("ratio", float("nan"))  # the picked backend's own column
+        lines.append(f"| {case_name(row)} | " + " | ".join(cells)
+                     + f" | {row['auto']} | {pick:.2f}x | {row['rounds']}, {worst:.0%} |")
     return "\n".join(lines)
 
 
@@ -188,9 +222,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, help="directory for attention_matrix.md and .json")
     parser.add_argument("--models", default="wav2vec2,hubert")
     parser.add_argument("--seconds", default="10,30")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=12, help="timed iterations per round")
-    parser.add_argument("--rounds", type=int, default=4, help="rounds, alternating the order of the backends")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations after each switch (+2 at first)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per backend and round")
+    parser.add_argument("--rounds", type=int, default=16, help="rounds, each in a new order of the backends")
+    parser.add_argument("--max-rounds", type=int, default=48, help="more rounds while a column is not stable")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if not torch.cuda.is_available():
@@ -200,12 +235,13 @@ def main(argv=None):
     dtype = torch.bfloat16
     cases = [(float(s), ragged, train) for train in (False, True) for s in args.seconds.split(",")
              for ragged in (False, True)]
-    results = [run_model(kind, cases, BACKENDS, dtype, args.warmup, args.iters, args.rounds)
+    results = [run_model(kind, cases, BACKENDS, dtype, args.warmup, args.iters, args.rounds,
+                         args.max_rounds)
                for kind in args.models.split(",")]
     header = (f"{env['gpu']} ({env['capability']}), torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}), "
               f"transformers {env['transformers']}, flash-attn {env['flash_attn']}, Python {env['python']}; "
-              f"{env['date']}. Batch {BATCH}, bf16, median of {args.rounds}x{args.iters} iterations after "
-              f"{args.warmup} warm-up; cell: median ms, ratio to the row's best backend, peak allocated GiB.")
+              f"{env['date']}. Batch {BATCH}, bf16, median of {args.rounds} to {args.max_rounds} rounds of {args.iters} "
+              f"iterations, each after {args.warmup} warm-up; cell: median ms, ratio to the row's best backend, peak allocated GiB.")
     text = header + "\n\n" + "\n\n".join(
         f"auto on {r['model']}: {r['auto_decision']}\n\n{table(r, BACKENDS)}" for r in results)
     print("\n" + text)
