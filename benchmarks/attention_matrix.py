@@ -160,14 +160,18 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         for name, cell in cells.items():
             if cell["times"]:
                 cell["median_ms"] = statistics.median(cell["times"])
+                cell["mean_ms"] = statistics.mean(cell["times"])  # what training pays: stalls included
                 cell["round_spread"] = spread(cell["times"])
             cell["peak_gib"] = cell.pop("peak") / 2**30
         best = min((c["median_ms"] for n, c in cells.items() if n != "auto" and "median_ms" in c), default=None)
+        best_mean = min((c["mean_ms"] for n, c in cells.items() if n != "auto" and "mean_ms" in c), default=None)
         for cell in cells.values():
             if "median_ms" in cell and best:
                 cell["ratio"] = cell["median_ms"] / best
+                cell["mean_ratio"] = cell["mean_ms"] / best_mean
         row = {"seconds": seconds, "ragged": ragged, "train": train, "auto": picked.implementation,
-               "calibration": calibration, "rounds": r, "cells": cells}
+               "calibration": calibration, "rounds": r, "cells": cells,
+               "pick_interval": pick_interval(cells, picked.implementation, backends, iters)}
         rows.append(row)
         logger.info("%s %s: %s", kind, case_name(row), "  ".join(
             f"{n} {c.get('median_ms', float('nan')):.1f} ms ({c['peak_gib']:.2f} GiB)" for n, c in cells.items()))
@@ -176,13 +180,30 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
     return {"model": kind, "auto_decision": decision.summary(), "rows": rows}
 
 
+def pick_interval(cells, picked: str, backends, iters: int, resamples: int = 2000):
+    """95% bootstrap interval of (picked backend's mean) / (the best backend's mean), resampling whole rounds,
+    the same rounds for every column: how sure the row is of the pick's distance from the best."""
+    rounds = {b: [sum(cells[b]["times"][i:i + iters]) for i in range(0, len(cells[b]["times"]), iters)]
+              for b in backends if cells[b].get("times")}
+    if picked not in rounds:
+        return None
+    rng, n = random.Random(0), min(len(r) for r in rounds.values())
+    ratios = []
+    for _ in range(resamples):
+        sample = [rng.randrange(n) for _ in range(n)]
+        totals = {b: sum(r[i] for i in sample) for b, r in rounds.items()}
+        ratios.append(totals[picked] / min(totals.values()))
+    ratios.sort()
+    return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
+
+
 def case_name(row) -> str:
     return f"{row['seconds']:g} s{' ragged' if row['ragged'] else ''}, {'train step' if row['train'] else 'inference'}"
 
 
 def table(result, backends) -> str:
     names = (*backends, "auto")
-    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked | pick / best | rounds, worst spread |",
+    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked | pick / best: median, mean [95% interval] | rounds, worst spread |",
              "|---" * (len(names) + 4) + "|"]
     for row in result["rows"]:
         cells = []
@@ -194,10 +215,17 @@ def table(result, backends) -> str:
             best = " **best**" if c["ratio"] == 1.0 and name != "auto" else ""
             cells.append(f"{c['median_ms']:.1f} ms, {c['ratio']:.2f}x, {c['peak_gib']:.2f} GiB{best}")
         worst = max(c.get("round_spread", 0.0) for c in row["cells"].values())
-        pick = row["cells"].get(row["auto"], {}).get("ratio", float("nan"))  # the picked backend's own column
-        lines.append(f"| {case_name(row)} | " + " | ".join(cells)
-                     + f" | {row['auto']} | {pick:.2f}x | {row['rounds']}, {worst:.0%} |")
+        picked = row["cells"].get(row["auto"], {})  # the picked backend's own column
+        lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {row['auto']} | "
+                     f"{picked.get('ratio', float('nan')):.3f}x, {picked.get('mean_ratio', float('nan')):.3f}x "
+                     f"[{interval(row)}] | "
+                     f"{row['rounds']}, {worst:.0%} |")
     return "\n".join(lines)
+
+
+def interval(row) -> str:
+    low, high = row.get("pick_interval") or (float("nan"), float("nan"))
+    return f"{low:.3f}-{high:.3f}"
 
 
 def environment() -> dict:

@@ -3,8 +3,9 @@
 ``measure()`` runs one forward (and, when training, the backward into the trainable parameters) per backend and
 repeat, on the caller's own batch, and leaves no trace: the RNG is forked, buffers are restored, ``.grad`` is
 not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` turns the timings into an
-``AttnDecision``: the fastest of the backends whose peak memory is within ``MEMORY_CAP`` of the leanest, or
-the leaner one when two are within ``TIME_NOISE`` of each other, and a reason for every backend left out.
+``AttnDecision``: the fastest (by mean time) of the backends whose peak memory is within ``MEMORY_CAP`` of the
+leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and the leaner one is steady, and a
+reason for every backend left out.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -18,17 +19,20 @@ import torch
 
 from espnet_flashcompat.attention import AttnDecision, Rejection
 
-REPEATS = 7  # timed runs per backend, interleaved, after one untimed warm-up each (median kept)
+REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
+CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE of each other
 TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
+STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: else it may not stay within 2%
 
 
 @dataclass(frozen=True)
 class Timing:
     backend: str
-    ms: float  # median over REPEATS
+    ms: float  # mean over REPEATS without the slowest run: what training pays, jitter included, less one hiccup
     peak_bytes: int  # peak allocated above the memory in use before the run
+    spread: float = 0.0  # (second slowest - fastest) / fastest over the timed runs: how steady the backend is
 
     def __str__(self) -> str:
         return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB"
@@ -58,7 +62,8 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     failed: Dict[str, str] = {}
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            for round_ in range(REPEATS + 1):  # round 0 warms up; the order alternates from round to round
+            round_ = 0  # round 0 warms up; the order alternates from round to round
+            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, failed)):
                 for backend in (backends if round_ % 2 else backends[::-1]):
                     if backend in failed:
                         continue
@@ -70,12 +75,26 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                     if round_:
                         times[backend].append(ms)
                     peaks[backend] = max(peaks[backend], peak)
+                round_ += 1
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    return {b: failed.get(b) or Timing(b, statistics.median(times[b]), peaks[b]) for b in backends}
+    return {b: failed.get(b) or _timing(b, times[b], peaks[b]) for b in backends}
+
+
+def _close(times: Dict[str, list], failed: Dict[str, str]) -> bool:
+    """Whether the two fastest backends so far are within TIME_NOISE: a close call earns more runs."""
+    typical = sorted(_timing(b, t, 0).ms for b, t in times.items() if b not in failed and t)
+    return len(typical) > 1 and typical[1] <= typical[0] * (1 + TIME_NOISE)
+
+
+def _timing(backend: str, times: Sequence[float], peak: int) -> Timing:
+    """The mean, not the median: a backend that stalls now and then (flash-attn's padded path waits on the host
+    once per layer) costs a training run its mean time. The slowest run is dropped as a possible stray hiccup."""
+    kept = sorted(times)[:-1] if len(times) > 2 else sorted(times)
+    return Timing(backend, statistics.mean(kept), peak, (kept[-1] - kept[0]) / kept[0])
 
 
 def _run_once(forward, backend, switch, trainable, device) -> Tuple[float, int]:
@@ -118,13 +137,15 @@ def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str)
     fits = [t for t in ran if t.peak_bytes <= cap]
     fastest = min(fits, key=lambda t: t.ms)
     tied = [t for t in fits if t.ms <= fastest.ms * (1 + TIME_NOISE)]
-    lean_tie = min(tied, key=lambda t: t.peak_bytes)
+    lean_tie = min((t for t in tied if t is fastest or t.spread <= STEADY), key=lambda t: t.peak_bytes)
     chosen = lean_tie if lean_tie.peak_bytes < fastest.peak_bytes * (1 - MEMORY_NOISE) else fastest
     for t in ran:
         if t is chosen:
             continue
         if t.peak_bytes > cap:
             why = f"peak memory {t.peak_bytes / max(leanest.peak_bytes, 1):.2f}x the leanest ({t} vs {leanest})"
+        elif t in tied and t.spread > STEADY and t.peak_bytes < chosen.peak_bytes * (1 - MEMORY_NOISE):
+            why = f"ties within {TIME_NOISE:.0%} but is unsteady, its runs vary by {t.spread:.0%} ({t} vs {chosen})"
         elif t in tied:
             leaner = chosen.peak_bytes < t.peak_bytes * (1 - MEMORY_NOISE)
             why = f"ties within {TIME_NOISE:.0%}{', and uses more memory' if leaner else ''} ({t} vs {chosen})"

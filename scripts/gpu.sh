@@ -3,8 +3,10 @@
 # (benchmarks/attention_matrix.py) on an H100 machine with no network: Python 3.12, torch 2.11+cu130 and
 # transformers 5.17 preinstalled, no espnet, no s3prl. Logs and tables go to OUT_DIR.
 #
-#   bash scripts/gpu.sh OUT_DIR [all|tests|bench]        # default: all (about 8 minutes: 3 tests, 4.5 bench)
+#   bash scripts/gpu.sh OUT_DIR [all|tests|bench] [ARGS]   # default: all; ARGS go to attention_matrix.py
 #
+# On an H100: about 1 minute of install, 4.5 minutes of tests, 9.5 of benchmark (4.7 per model). Where one command
+# may run 10 minutes at most, make three: `tests`, `bench --models wav2vec2`, `bench --models hubert`.
 # Before: on a machine with PyPI, `bash scripts/gpu_wheels.sh` fills .whl/ (espnet, s3prl and their missing
 # imports; the fault fixtures' flash-attn sdist and transformers 4.46) and .fa/ (the healthy sm90 flash-attn of
 # ../shared/gpu); copy the repo with .whl/ and .fa/ to the GPU machine. Nothing is installed into the machine's
@@ -17,11 +19,13 @@
 #   export ESPNET_FLASHCOMPAT_FAULT_CACHE=$W/faults PIP_NO_INDEX=1 PIP_FIND_LINKS=R/.whl/faults
 #                          # tests/faults.py builds the broken flash-attn and transformers 4.46 from R/.whl/faults
 #   python3 -m pytest -m gpu tests/test_gpu.py -v -rA --timeout 400
-#   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR
-# In this workplace, from the repo root: device run(command="bash scripts/gpu.sh $OUT", carry=[".whl", ".fa"]).
+#   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR ARGS
+# In this workplace, from the repo root: device run(command="bash scripts/gpu.sh $OUT tests", carry=[".whl", ".fa"]),
+# then the same with "bench --models wav2vec2" and "bench --models hubert".
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench] [attention_matrix.py args]}
 what=${2:-all}
+shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 W=${EFC_GPU_WORK:-/tmp/efc-gpu}
 PY=${PYTHON:-python3}
@@ -79,7 +83,7 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     stamp "attention matrix -> $out/attention_matrix.{md,json}, $out/bench.log"
-    PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/attention_matrix.py --out "$out" 2>&1 | tee "$out/bench.log"
+    PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/attention_matrix.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 stamp "done (exit $status)"

@@ -39,6 +39,10 @@ def test_a_tie_goes_to_the_leaner_backend():
     assert _pick(flash_attention_2=(135.0, 9.06 * GIB), sdpa=(134.0, 9.1 * GIB)).implementation == "sdpa"
     # ... and a 3% lead in time is not a tie
     assert _pick(flash_attention_2=(138.1, 9.06 * GIB), sdpa=(134.0, 9.46 * GIB)).implementation == "sdpa"
+    # ... nor a tie with a backend whose own runs vary by more than 4%: it may not stay within 2%
+    unsteady = _pick(flash_attention_2=(135.0, 9.06 * GIB, 0.08), sdpa=(134.0, 9.46 * GIB, 0.01))
+    assert unsteady.implementation == "sdpa"
+    assert "ties within 2% but is unsteady, its runs vary by 8%" in unsteady.rejected[0].reason
 
 
 def test_never_above_1_1x_the_leanest_memory():
@@ -54,6 +58,50 @@ def test_a_backend_that_fails_is_left_out_with_its_error():
     assert decision.rejected[0] == attention.Rejection(
         "flash_attention_2", "failed during calibration: RuntimeError: FlashAttention only support fp16 and bf16 data type")
     assert _pick(flash_attention_2="OutOfMemoryError", sdpa="OutOfMemoryError") is None
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that a fake forward advances by what each backend "costs" on each call."""
+
+    def __init__(self, cost):
+        self.now, self.cost, self.calls, self.current = 0.0, cost, {}, None
+
+    def perf_counter(self):
+        return self.now
+
+    def switch(self, backend):
+        self.current = backend
+
+    def forward(self):
+        n = self.calls[self.current] = self.calls.get(self.current, 0) + 1
+        self.now += self.cost(self.current, n) / 1000
+
+
+def _measure(monkeypatch, cost):
+    clock = _Clock(cost)
+    monkeypatch.setattr(calibrate, "time", clock)
+    with torch.no_grad():
+        timings = calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch,
+                                    torch.nn.Linear(1, 1), torch.device("cpu"))
+    return timings, clock.calls
+
+
+def test_a_backend_that_stalls_now_and_then_pays_for_it(monkeypatch):
+    """"flash" is faster in most runs but stalls in every third one, the way flash-attn's padded path waits on
+    the host. Its median would win; its mean, what training pays, loses, and its unsteadiness shows."""
+    timings, calls = _measure(monkeypatch, lambda b, n: 8.0 if b == "sdpa" else 30.0 if n % 3 == 0 else 6.0)
+    assert calls == {"flash_attention_2": calibrate.REPEATS + 1, "sdpa": calibrate.REPEATS + 1}  # not a close call
+    assert timings["flash_attention_2"].ms == pytest.approx((2 * 30 + 6 * 6) / 8)  # the slowest run dropped
+    assert timings["flash_attention_2"].spread == pytest.approx(4.0) and timings["sdpa"].spread == pytest.approx(0)
+    assert _pick(**{b: (t.ms, GIB) for b, t in timings.items()}).implementation == "sdpa"
+
+
+def test_a_close_call_earns_more_runs(monkeypatch):
+    timings, calls = _measure(monkeypatch, lambda b, n: 10.0 if b == "sdpa" else 10.1)
+    assert calls == {"flash_attention_2": calibrate.CLOSE_CALL_REPEATS + 1, "sdpa": calibrate.CLOSE_CALL_REPEATS + 1}
+    # ... and stops as soon as it is no longer close: from the 12th run on, "flash" takes 13 ms
+    timings, calls = _measure(monkeypatch, lambda b, n: 10.0 if b == "sdpa" else 10.1 if n < 12 else 13.0)
+    assert calibrate.REPEATS + 1 < calls["sdpa"] < calibrate.CLOSE_CALL_REPEATS + 1
 
 
 def test_buckets():
