@@ -4,16 +4,22 @@ For a wav2vec2 and a HuBERT encoder of base size (hidden 768, 12 layers, 12 head
 and inputs, batch 8), at 10 s and 30 s, full and ragged batches, inference and a train step: the median time
 (CUDA events around each iteration, after warm-up; rounds that shuffle the order of the backends, and more
 rounds while a column drifts) and the peak memory (``max_memory_allocated``: weights, inputs, activations and
-gradients), with each backend's ratio to the best of its row. ``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row: the
-policy (``attention.decide``) names the healthy contenders and the calibration the frontend runs on its first
-batch of each shape bucket (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) chooses among
-them; the pick is then timed like the others. Ragged batches lengths run from 100% down to 30% of the longest
-and pass an attention mask, as S3PRL does; full batches pass none. The train step is forward plus backward of a scalar
-loss in train mode (the models' dropouts; layerdrop and SpecAugment masking off, so that every step does the
-same work). Needs CUDA and, for the flash_attention_2 column, a working flash-attn imported before transformers.
+gradients), with each backend's ratio to the best of its row.
 
-    python benchmarks/attention_matrix.py --out DIR              # both models: ~8.5 min on an H100
-    python benchmarks/attention_matrix.py --models wav2vec2 --rounds 4   # a quick look
+``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row: the policy
+(``attention.decide``) names the healthy contenders, and the calibration the frontend runs on the first batch of
+each shape bucket (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) chooses among them; the
+pick is then timed like the others. *picked / best* compares the picked backend's own column with the row's best:
+by median, by mean (what training pays), and the 95% bootstrap interval of the mean ratio over whole rounds.
+
+Ragged batches' lengths run from 100% down to 30% of the longest and pass an attention mask, as S3PRL does; full
+batches pass none. The train step is forward plus backward of a scalar loss in train mode (the models' dropouts;
+layerdrop and SpecAugment masking off, so that every step does the same work). Needs CUDA and, for the
+flash_attention_2 column, a working flash-attn imported before transformers.
+
+    python benchmarks/attention_matrix.py --out DIR                    # both models: ~9.5 min on an H100
+    python benchmarks/attention_matrix.py --out DIR --models hubert    # one: ~4.7 min
+    python benchmarks/attention_matrix.py --models wav2vec2 --rounds 4 --max-rounds 4   # a quick look
 
 Writes DIR/attention_matrix.md (tables) and DIR/attention_matrix.json (every timing), and prints the tables.
 """
