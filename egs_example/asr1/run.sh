@@ -32,6 +32,13 @@ token_list=data/token_list/word/tokens.txt
 stats_dir=exp/asr_stats_${tag}
 asr_exp=exp/asr_${tag}
 decode_dir=${asr_exp}/decode_test
+# what collect stats (stage 3) and training (stage 4) share, as in asr.sh
+train_opts=(--config "${asr_config}" --use_preprocessor true --token_type word --token_list "${token_list}"
+    --train_data_path_and_name_and_type data/train/wav.scp,speech,sound
+    --train_data_path_and_name_and_type data/train/text,text,text
+    --valid_data_path_and_name_and_type data/dev/wav.scp,speech,sound
+    --valid_data_path_and_name_and_type data/dev/text,text,text
+    --frontend_conf fs=16k)
 SECONDS=0
 trap 'exit 130' INT TERM
 trap 'kill $(jobs -p) 2>/dev/null || true' EXIT   # background jobs ignore Ctrl-C: stop them with us
@@ -93,14 +100,9 @@ if runs 3; then
     rm -rf "${stats_dir}"; mkdir -p "${logdir}"
     split_keys data/train/wav.scp "${logdir}/train"
     split_keys data/dev/wav.scp "${logdir}/valid"
-    run_parallel stats "${logdir}" ${python} -m espnet2.bin.asr_train --collect_stats true \
-        --config "${asr_config}" --use_preprocessor true --token_type word --token_list "${token_list}" \
-        --train_data_path_and_name_and_type data/train/wav.scp,speech,sound \
-        --train_data_path_and_name_and_type data/train/text,text,text \
-        --valid_data_path_and_name_and_type data/dev/wav.scp,speech,sound \
-        --valid_data_path_and_name_and_type data/dev/text,text,text \
+    run_parallel stats "${logdir}" ${python} -m espnet2.bin.asr_train --collect_stats true "${train_opts[@]}" \
         --train_shape_file "${logdir}/train.JOB.scp" --valid_shape_file "${logdir}/valid.JOB.scp" \
-        --frontend_conf fs=16k --ngpu 0 --output_dir "${logdir}/stats.JOB"
+        --ngpu 0 --output_dir "${logdir}/stats.JOB"
     ${python} -m espnet2.bin.aggregate_stats_dirs --output_dir "${stats_dir}" \
         $(for n in $(seq "${nj}"); do echo "--input_dir ${logdir}/stats.${n}"; done) > "${logdir}/aggregate.log" 2>&1
     for split in train valid; do  # the number of tokens is appended for the batch-bins count, as asr.sh does
@@ -114,16 +116,11 @@ if runs 4; then
     banner "4: train -> ${asr_exp} (ESPnet log lines below)"
     run_logged "${asr_exp}/train.log" \
         "s3prl_flashcompat|epoch results|best model|Averaging|Traceback|^[A-Za-z.]*Error" \
-        ${python} -m espnet2.bin.asr_train \
-        --config "${asr_config}" --use_preprocessor true --token_type word --token_list "${token_list}" \
-        --train_data_path_and_name_and_type data/train/wav.scp,speech,sound \
-        --train_data_path_and_name_and_type data/train/text,text,text \
-        --valid_data_path_and_name_and_type data/dev/wav.scp,speech,sound \
-        --valid_data_path_and_name_and_type data/dev/text,text,text \
+        ${python} -m espnet2.bin.asr_train "${train_opts[@]}" \
         --train_shape_file "${stats_dir}/train/speech_shape" --train_shape_file "${stats_dir}/train/text_shape.word" \
         --valid_shape_file "${stats_dir}/valid/speech_shape" --valid_shape_file "${stats_dir}/valid/text_shape.word" \
         --normalize global_mvn --normalize_conf stats_file="${stats_dir}/train/feats_stats.npz" \
-        --frontend_conf fs=16k --fold_length 80000 --fold_length 150 \
+        --fold_length 80000 --fold_length 150 \
         --seed "${seed}" --ngpu "${ngpu}" --resume true --output_dir "${asr_exp}"
 fi
 
