@@ -21,7 +21,7 @@ from espnet_flashcompat.attention import AttnDecision, Rejection
 
 REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
 CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE of each other
-TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it
+TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it, if steady
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
 STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: else it may not stay within 2%
@@ -30,7 +30,7 @@ STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: 
 @dataclass(frozen=True)
 class Timing:
     backend: str
-    ms: float  # mean over REPEATS without the slowest run: what training pays, jitter included, less one hiccup
+    ms: float  # mean of the timed runs without the slowest: what training pays, stalls included
     peak_bytes: int  # peak allocated above the memory in use before the run
     spread: float = 0.0  # (second slowest - fastest) / fastest over the timed runs: how steady the backend is
 
