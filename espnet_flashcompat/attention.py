@@ -2,8 +2,9 @@
 
 ``decide()`` is the policy: it takes the request, the device, the dtype and the upstream, and returns an
 ``AttnDecision``. Under ``auto`` on CUDA, when more than one backend passes, the decision lists them as
-``contenders`` and ``calibrate`` times them on the real batches. ``apply()`` puts a decision into a Hugging Face model, and ``is_flash_kernel_error()``
-recognises the flash-attn kernel errors that justify a switch at run time. Native S3PRL upstreams
+``contenders`` and ``calibrate`` times them on the real batches. ``apply()`` puts a decision into a Hugging
+Face model, and ``is_flash_kernel_error()`` recognises the flash-attn kernel errors that justify a switch at
+run time. Native S3PRL upstreams
 attend through ``F.multi_head_attention_forward`` (already SDPA) and offer no choice: their decision
 says ``native-sdpa`` rather than claim a choice that was not made.
 """
@@ -63,7 +64,8 @@ class AttnDecision:
         why = "; ".join(f"{r.backend}: {r.reason}" for r in self.rejected)
         where = f" on {self.context}" if self.context else ""
         src = f" ({ENV_VAR})" if self.source == "env" else ""
-        how = ", measured" if self.measured else f", to calibrate among {'/'.join(self.contenders)}" if self.contenders else ""
+        how = (", measured" if self.measured else
+               f", to calibrate among {'/'.join(self.contenders)}" if self.contenders else "")
         return (f"attention {self.implementation}{where} (requested {self.requested}{src}{how})"
                 f"{'; rejected ' + why if why else ''}")
 
@@ -136,7 +138,8 @@ def _rejection(backend: str, model, device, dtype) -> Optional[str]:
             return f"device {device} is not CUDA"
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
-            return f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; FlashAttention needs Ampere (sm_80) or newer"
+            return (f"{torch.cuda.get_device_name(device)} is sm_{major}{minor}; "
+                    "FlashAttention needs Ampere (sm_80) or newer")
     if dtype is not None and effective_dtype(device, dtype) not in (torch.float16, torch.bfloat16):
         return f"dtype {str(dtype).replace('torch.', '')} (FlashAttention runs fp16/bf16 only; enable AMP)"
     return None

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 import torch
 
 from espnet_flashcompat.attention import AttnDecision, Rejection
+from espnet_flashcompat.guard import one_line
 
 REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
 CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE of each other
@@ -70,7 +71,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                     try:
                         ms, peak = _run_once(forward, backend, switch, trainable, device)
                     except Exception as exc:  # this backend cannot run this batch: it is out, with its reason
-                        failed[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                        failed[backend] = one_line(exc)[:300]
                         continue
                     if round_:
                         times[backend].append(ms)

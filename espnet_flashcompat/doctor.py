@@ -134,10 +134,6 @@ def _at(where: Optional[str]) -> str:
     return f" (at {where})" if where else ""
 
 
-def _error(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
-
-
 def _hook_state(add) -> dict:
     from espnet_flashcompat import registry
 
@@ -188,7 +184,7 @@ def _torch() -> dict:
     try:
         import torch
     except Exception as exc:
-        info["error"] = _error(exc)
+        info["error"] = guard.one_line(exc)
         return info
     info.update(version=torch.__version__, cuda_build=torch.version.cuda, cuda_available=torch.cuda.is_available())
     return info
@@ -289,7 +285,7 @@ def _tiny_hf_upstream(add):
             return guard.import_s3prl().S3PRLUpstream("hf_wav2vec2_custom", path_or_url=str(path))
     except Exception as exc:
         add(WARNING, "attention", f"could not build a tiny hf_wav2vec2_custom upstream to ask attention.decide: "
-            f"{_error(exc)}", "attn_implementation: auto still decides at run time")
+            f"{guard.one_line(exc)}", "attn_implementation: auto still decides at run time")
         return None
 
 
@@ -343,8 +339,8 @@ def _espnet(add, quick: bool) -> dict:
     try:
         offered = set(registry.register())
     except Exception as exc:
-        info["task_errors"]["*"] = _error(exc)
-        add(WARNING, "registration", f"registry.register() failed: {_error(exc)}")
+        info["task_errors"]["*"] = guard.one_line(exc)
+        add(WARNING, "registration", f"registry.register() failed: {guard.one_line(exc)}")
         offered = set()
     for task in registry.TASKS:
         info["tasks"][task] = "unchecked" if task in offered else "absent"
@@ -353,7 +349,7 @@ def _espnet(add, quick: bool) -> dict:
         try:
             module = importlib.import_module(f"espnet2.tasks.{task}")
         except Exception as exc:
-            info["tasks"][task], info["task_errors"][task] = "error", _error(exc)
+            info["tasks"][task], info["task_errors"][task] = "error", guard.one_line(exc)
             continue
         classes = getattr(getattr(module, "frontend_choices", None), "classes", {})
         info["tasks"][task] = "registered" if registry.KEY in classes else "missing"

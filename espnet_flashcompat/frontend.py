@@ -16,7 +16,7 @@ from espnet2.utils.get_default_kwargs import get_default_kwargs
 from espnet.nets.pytorch_backend.frontends.frontend import Frontend
 
 from espnet_flashcompat import attention, calibrate
-from espnet_flashcompat.guard import import_s3prl, recovered_faults
+from espnet_flashcompat.guard import import_s3prl, one_line, recovered_faults
 from espnet_flashcompat.hub import ResilientHub, close_names
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
                 f"strict: flash_attention_2 failed on {failed.context}: {type(exc).__name__}: {exc}") from exc
         model = attention.hf_model(self.upstream)
         backend = attention.SDPA if getattr(model, "_supports_sdpa", False) else attention.EAGER
-        rejection = attention.Rejection(attention.FLASH, f"{type(exc).__name__}: {exc}".splitlines()[0])
+        rejection = attention.Rejection(attention.FLASH, one_line(exc))
         decision = attention.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
                                           failed.source, failed.context)
         attention.apply(self.upstream, backend)
@@ -136,7 +136,8 @@ def _check_upstream(hub, name) -> None:
 
 def _check_batch(input: torch.Tensor, input_lengths: torch.Tensor) -> None:
     if input.dim() not in (2, 3) or input.size(0) == 0:
-        raise ValueError(f"s3prl_flashcompat expects a non-empty (batch, samples) waveform batch, got {tuple(input.shape)}")
+        raise ValueError("s3prl_flashcompat expects a non-empty (batch, samples) waveform batch, "
+                         f"got {tuple(input.shape)}")
     empty = (input_lengths <= 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"zero-length utterance(s) at batch index {empty}: S3PRL upstreams need at least one sample")

@@ -120,6 +120,11 @@ def import_recovering(name: str, upstream: Optional[str] = None) -> ModuleType:
             hide_flash_attn(diagnosis, while_importing=name)
 
 
+def one_line(exc: BaseException) -> str:
+    """'ExcType: first line of its message', the form every report and log line of this package uses."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
 def classify(exc: BaseException, upstream: Optional[str] = None) -> Diagnosis:
     """Reduce an import failure to its root cause: the first flash-attn fault in the chain, else the last link."""
     chain = list(_chain(exc))
