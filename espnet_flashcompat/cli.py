@@ -1,6 +1,6 @@
 """The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` (the only subcommand).
 
-``doctor`` prints ``doctor.render()`` or, with ``--json``, the report as JSON, and exits with the report's
+``doctor`` prints ``doctor_text.render()`` or, with ``--json``, the report as JSON, and exits with the report's
 exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor``). While the checks run,
 whatever the imported libraries print or log is held back (``--verbose`` lets it through, to stderr), so
 that stdout carries the report alone. A usage error exits 64 (EX_USAGE), so that 2 always means broken.
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Report what espnet-flashcompat sees on this machine and the frontend_conf to use. "
                     "Exit code: 0 healthy, 1 degraded (a fallback is in force), "
                     "2 broken (the frontend cannot be built).")
-    doctor.add_argument("--json", action="store_true", help="print the report as JSON (schema_version 1)")
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON (schema_version 2)")
     doctor.add_argument("--quick", action="store_true",
                         help="skip importing every S3PRL upstream package and every ESPnet task module (the slow part)")
     doctor.add_argument("--upstream", metavar="NAME",
@@ -45,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from espnet_flashcompat import doctor
+    from espnet_flashcompat import doctor, doctor_text
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
         report = _stdout_to_stderr(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
     else:
         report = _held_back(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
-    print(json.dumps(report, indent=2) if args.json else doctor.render(report))
+    print(json.dumps(report, indent=2) if args.json else doctor_text.render(report))
     return report["exit_code"]
 
 

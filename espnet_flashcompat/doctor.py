@@ -1,12 +1,13 @@
 """What state this machine's S3PRL stack is in, as the other modules see it: ``espnet-flashcompat doctor``.
 
-``gather()`` asks ``guard``, ``hub``, ``attention`` and ``registry`` and writes down their answers; it
-decides nothing of its own. ``render()`` turns the report into the human table; ``cli`` prints it.
+``gather()`` asks ``guard``, ``hub``, ``attention``, ``registry`` and ``espnet_compat`` and writes down their
+answers; it decides nothing of its own. ``doctor_text.render()`` turns the report into the human table.
 
 Exit codes (also ``report["exit_code"]``), from the findings' levels:
 
 - **2 broken**, any ``error``: the frontend cannot be built here. S3PRL is unusable (``guard.import_s3prl()``
   raises: s3prl, transformers or torch missing, or an unrecoverable import fault); ESPnet is not installed;
+  ``espnet_flashcompat.frontend`` cannot be imported; no installed ESPnet task offers ``s3prl_flashcompat``;
   ``ESPNET_FLASHCOMPAT_ATTN`` holds an invalid value; or the upstream named with ``--upstream`` cannot be
   imported (or is not an S3PRL upstream). Without ``--upstream`` the report checks ``hf_wav2vec2_custom``
   and only warns about it.
@@ -22,10 +23,10 @@ A missing flash-attn is healthy: SDPA needs none. ``quick=True`` (``--quick``) s
 importing every upstream package (``hub.probe()``: tens of seconds, ``espnet_hubert`` imports ESPnet) and
 importing every ESPnet task module; it still imports S3PRL, the ``--upstream`` one and the tiny HF model.
 
-JSON schema, version 1 (``--json``; keys are only ever added within a schema version). A *diagnosis* is
+JSON schema, version 2 (``--json``; keys are only ever added within a schema version). A *diagnosis* is
 ``guard.Diagnosis.as_dict()``: ``{kind, error, where, module, attribute, upstream, path, hint}``::
 
-    schema_version   1
+    schema_version   2  (2: espnet.tasks is keyed by module name; espnet.frontend and s3prl.distribution added)
     status           "healthy" | "degraded" | "broken"
     exit_code        0 | 1 | 2
     mode             "full" | "quick"
@@ -40,18 +41,20 @@ JSON schema, version 1 (``--json``; keys are only ever added within a schema ver
     flash_attn       {installed, version, location, importable, error: diagnosis|null,
                       transformers_believes_available: bool|null}   (read before probing)
     transformers     {version}
-    s3prl            {version, usable, error: diagnosis|null, recovered: [diagnosis]  (guard.recovered_faults(), less
+    s3prl            {distribution, version, usable, error: diagnosis|null, recovered: [diagnosis]  (guard.recovered_faults(), less
                       the flash probe's own, which is flash_attn.error: each fault is listed once),
                       upstream: {name, package, ok, error: diagnosis|null}|null,   the --upstream one
                       upstreams: {probed, ok: [package], failed: {package: diagnosis}}}
                       (quick mode: probed false, only the packages imported so far; upstream and
                       upstreams stay null/empty when S3PRL is unusable)
     espnet           {version, installed,
-                      tasks: {task: "registered"|"missing"|"absent"|"unchecked"|"error"},
-                      task_errors: {task: message}}
-                     registered/missing: the task module, imported, does/does not offer s3prl_flashcompat
-                     in frontend_choices after registry.register(); absent: not in this ESPnet; error: its
-                     import failed; unchecked (--quick): present, registered when it is imported
+                      frontend: {importable, error},   espnet_flashcompat.frontend imports (else "broken")
+                      tasks: {module: "registered"|"missing"|"no-s3prl"|"unchecked"|"error"},
+                      task_errors: {module: message}}
+                     every module under espnet2.tasks and espnet3 that mentions frontend_choices, imported:
+                     registered/missing: its choices offer S3prlFrontend as s3prl, with/without s3prl_flashcompat
+                     after registry.register(); no-s3prl: they offer no S3PRL; error: its import failed;
+                     unchecked (--quick): not imported, registered when it is imported
     startup_hook     registry.hook_state(), taken before doctor calls registry.register()
     attention        {env_override, env_error, decided_on: "cuda:0 bfloat16"|null, implementation: str|null,
                       contenders: [str]}
@@ -67,14 +70,13 @@ import importlib.util
 import os
 import sys
 import tempfile
-import textwrap
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import espnet_flashcompat
 from espnet_flashcompat import guard
 from espnet_flashcompat.hub import close_names, upstream_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 HEALTHY, DEGRADED, BROKEN = 0, 1, 2
 STATUS = {HEALTHY: "healthy", DEGRADED: "degraded", BROKEN: "broken"}
 ERROR, FALLBACK, WARNING = "error", "degraded", "warning"  # finding levels
@@ -193,7 +195,10 @@ def _torch() -> dict:
 def _s3prl(add, quick: bool, upstream: Optional[str], probed: Optional[dict]) -> dict:
     """``probed``: the flash probe's diagnosis. Probing hides a broken flash-attn and so records it in
     ``guard.recovered_faults()`` too; ``recovered`` leaves it out, keeping the faults import_s3prl() met."""
-    info = {"version": _version("s3prl"), "usable": False, "error": None, "recovered": [],
+    from espnet_flashcompat.espnet_compat import s3prl_distribution
+
+    distribution, version = s3prl_distribution() or (None, None)
+    info = {"distribution": distribution, "version": version, "usable": False, "error": None, "recovered": [],
             "upstream": None, "upstreams": {"probed": False, "ok": [], "failed": {}}}
     try:
         s3prl = guard.import_s3prl()
@@ -326,7 +331,9 @@ def _recommended_decision(devices: List[dict]) -> dict:
 
 
 def _espnet(add, quick: bool) -> dict:
-    info = {"version": _version("espnet"), "installed": False, "tasks": {}, "task_errors": {}}
+    """Our frontend class imports, and which ESPnet task modules offer it (espnet2 tasks and ESPnet3 systems)."""
+    info = {"version": _version("espnet"), "installed": False, "frontend": {"importable": False, "error": None},
+            "tasks": {}, "task_errors": {}}
     try:
         info["installed"] = importlib.util.find_spec("espnet2") is not None
     except (ImportError, ValueError):
@@ -334,32 +341,51 @@ def _espnet(add, quick: bool) -> dict:
     if not info["installed"]:
         add(ERROR, "espnet", "ESPnet is not installed: s3prl_flashcompat is an ESPnet frontend", "pip install espnet")
         return info
-    from espnet_flashcompat import registry
+    from espnet_flashcompat import espnet_compat, registry
 
     try:
-        offered = set(registry.register())
+        importlib.import_module(registry.FRONTEND.partition(":")[0])
+        info["frontend"]["importable"] = True
+    except Exception as exc:
+        info["frontend"]["error"] = guard.one_line(exc)
+        add(ERROR, "frontend", f"{registry.FRONTEND} cannot be imported: {guard.one_line(exc)}; every "
+            f"frontend: {registry.KEY} raises it when built", "read the error; `pip install -U espnet-flashcompat`")
+    try:
+        registry.register()
     except Exception as exc:
         info["task_errors"]["*"] = guard.one_line(exc)
-        add(WARNING, "registration", f"registry.register() failed: {guard.one_line(exc)}")
-        offered = set()
-    for task in registry.TASKS:
-        info["tasks"][task] = "unchecked" if task in offered else "absent"
-        if quick or task not in offered:
+        add(ERROR, "registration", f"registry.register() failed: {guard.one_line(exc)}")
+    for module, _ in espnet_compat.task_module_files():
+        if quick and module not in sys.modules:
+            info["tasks"][module] = "unchecked"
             continue
         try:
-            module = importlib.import_module(f"espnet2.tasks.{task}")
+            info["tasks"][module] = _offers(importlib.import_module(module), registry)
         except Exception as exc:
-            info["tasks"][task], info["task_errors"][task] = "error", guard.one_line(exc)
-            continue
-        classes = getattr(getattr(module, "frontend_choices", None), "classes", {})
-        info["tasks"][task] = "registered" if registry.KEY in classes else "missing"
-        if info["tasks"][task] == "missing":
-            info["task_errors"][task] = registry.hook_state()["not_registered"].get(task, "")
-    missing = [t for t, s in info["tasks"].items() if s in ("missing", "error")]
-    if missing:
-        add(WARNING, "registration", f"frontend '{registry.KEY}' is not offered by task(s) {', '.join(missing)}: "
-            + "; ".join(f"{t}: {info['task_errors'].get(t) or 'no reason given'}" for t in missing))
+            info["tasks"][module], info["task_errors"][module] = "error", guard.one_line(exc)
+    states = set(info["tasks"].values())
+    failed = {**registry.hook_state()["failed"], **info["task_errors"]}
+    if not info["tasks"]:
+        add(ERROR, "registration", f"no ESPnet task module found under {', '.join(espnet_compat.TASK_PACKAGES)}")
+    elif not quick and "registered" not in states:
+        add(ERROR, "registration", f"no installed ESPnet task offers frontend '{registry.KEY}'"
+            + (": " + "; ".join(f"{m}: {e}" for m, e in failed.items()) if failed else ""))
+    problems = [m for m, state in info["tasks"].items() if state in ("missing", "error")]
+    if problems:
+        add(WARNING, "registration", f"these task modules cannot be checked or lack '{registry.KEY}': "
+            + "; ".join(f"{m}: {failed.get(m) or info['tasks'][m]}" for m in problems))
     return info
+
+
+def _offers(module, registry) -> str:
+    """registered | missing (it offers s3prl, not our key) | no-s3prl (its frontend choices have no S3PRL)."""
+    from espnet2.asr.frontend.s3prl import S3prlFrontend
+
+    choices = [v for v in vars(module).values() if isinstance(getattr(v, "classes", None), dict)]
+    offering = [c for c in choices if c.classes.get(registry.STOCK_KEY) is S3prlFrontend or registry.KEY in c.classes]
+    if not offering:
+        return "no-s3prl"
+    return "registered" if all(registry.KEY in c.classes for c in offering) else "missing"
 
 
 def _recommend(upstream: str, attention_info: dict) -> dict:
@@ -385,106 +411,3 @@ def _warn_transformers_blind(add, flash: dict) -> None:
     if flash["importable"] and flash["transformers_believes_available"] is False:
         add(WARNING, "flash_attn", "flash-attn imports, but transformers.utils.is_flash_attn_2_available() is False: "
             "transformers will refuse flash_attention_2", "check transformers' flash-attn version requirement and CUDA")
-
-
-# ------------------------------------------------------------------------------------------ human text
-
-
-def render(report: dict) -> str:
-    """The human-readable table of a report from ``gather()``."""
-    out: List[str] = [f"espnet-flashcompat doctor {report['package']['version']} ({report['mode']} check)", ""]
-    section = _section(out)
-    t, fa, s3, es, hook = (report[k] for k in ("torch", "flash_attn", "s3prl", "espnet", "startup_hook"))
-
-    section("Environment", [
-        ("python", f"{report['python']['version']} ({report['python']['executable']})"),
-        ("espnet-flashcompat", f"{report['package']['version']} ({report['package']['path']})"),
-        ("torch", t["error"] or f"{t['version']} (CUDA build {t['cuda_build'] or 'none'}; "
-                                f"CUDA {'available' if t['cuda_available'] else 'not available'})"),
-        ("transformers", report["transformers"]["version"] or "not installed"),
-        ("s3prl", s3["version"] or "not installed"),
-        ("espnet", es["version"] or "not installed"),
-    ])
-    out.append(f"Devices (attention.decide in {PROBE_DTYPE} on a tiny HF wav2vec2)")
-    rows = [("", "name", *_BACKENDS, "auto")] + [
-        (d["device"], d["name"] + (f" (sm_{d['capability'].replace('.', '')})" if d["capability"] else ""),
-         *(_yes_no(d["backends"][b]["ok"]) for b in _BACKENDS), d["auto"] or "-") for d in report["devices"]]
-    out += _table(rows)
-    reasons = {}
-    for d in report["devices"]:
-        for backend, verdict in d["backends"].items():
-            if verdict["reason"]:
-                reasons.setdefault((backend, verdict["reason"]), []).append(d["device"])
-    out += [f"  {backend} on {', '.join(devs)}: {reason}" for (backend, reason), devs in reasons.items()]
-    if not any(d["auto"] for d in report["devices"]):
-        out.append("  no decision could be made here (see Findings); attn_implementation: auto decides at run time")
-    out.append("")
-
-    error = fa["error"]
-    section("flash-attn", [
-        ("installed", f"yes, {fa['version'] or 'no metadata'} ({fa['location'] or 'location unknown'})"
-         if fa["installed"] else "no (optional: SDPA needs none)"),
-        ("importable", "yes" if fa["importable"] else f"no: {error['error']}{_at(error['where'])}"),
-        ("transformers sees", {True: "available", False: "not available", None: "unknown"}[
-            fa["transformers_believes_available"]] + " (is_flash_attn_2_available, read before probing)"),
-    ] + ([("fix", error["hint"])] if fa["installed"] and error else []))
-
-    ups, named = s3["upstreams"], s3["upstream"]
-    rows = [("import_s3prl()", "ok" if s3["usable"] else f"FAILS: {s3['error']['error']}")]
-    if not s3["usable"] and s3["error"].get("hint"):
-        rows.append(("fix", s3["error"]["hint"]))
-    rows += [("recovered", f"{d['kind']}: {d['error']}") for d in s3["recovered"]]
-    if named:
-        rows.append((f"upstream {named['name']}", "imports" if named["ok"] else f"FAILS: {named['error']['error']}"))
-    if s3["usable"]:
-        tried = len(ups["ok"]) + len(ups["failed"])
-        scope = "upstream packages import" if ups["probed"] else "packages tried so far import (--quick)"
-        rows.append(("upstreams", f"{len(ups['ok'])} of {tried} {scope}"))
-        rows += [("  ok" if i == 0 else "", line) for i, line in enumerate(textwrap.wrap(", ".join(ups["ok"]), 88))]
-        rows += [(f"  {package}", d["error"] + _at(d["where"])) for package, d in ups["failed"].items()]
-    section("S3PRL", rows)
-
-    tasks = es["tasks"]
-    by_state = {}
-    for task, state in tasks.items():
-        by_state.setdefault(state, []).append(task)
-    hook_text = ("not installed" if not hook.get("pth_installed") else
-                 f"{hook['pth_file']}{'' if hook.get('pth_current') else ' (stale)'}")
-    hook_text += "; disabled by ESPNET_FLASHCOMPAT_DISABLE" if hook.get("disabled_by_env") else ""
-    hook_text += f"; armed at startup: {'yes' if hook.get('armed') else 'no'}"
-    section("ESPnet registration of s3prl_flashcompat", [(state, " ".join(ts)) for state, ts in by_state.items()]
-            + [("", f"{t}: {e}") for t, e in es["task_errors"].items()] + [("startup hook", hook_text)])
-
-    att = report["attention"]
-    if att["env_override"]:
-        out.append(f"ESPNET_FLASHCOMPAT_ATTN={att['env_override']} overrides the YAML below.")
-    out.append("Recommended YAML")
-    out += ["  " + line for line in report["recommended"]["yaml"].splitlines()]
-    out.append("")
-
-    out.append("Findings")
-    for f in report["findings"]:
-        out.append(f"  {f['level'].upper():8} {f['message']}")
-        if f["fix"]:
-            out.append(f"  {'':8} Fix: {f['fix']}")
-    if not report["findings"]:
-        out.append("  none")
-    out += ["", f"Status: {report['status']} (exit {report['exit_code']})"]
-    return "\n".join(out)
-
-
-def _section(out: List[str]) -> Callable:
-    def section(title, rows):
-        out.append(title)
-        out.extend(_table(rows))
-        out.append("")
-    return section
-
-
-def _table(rows) -> List[str]:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]) - 1)] if rows else []
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths + [0])).rstrip() for r in rows]
-
-
-def _yes_no(ok) -> str:
-    return {True: "yes", False: "no", None: "?"}[ok]

@@ -7,19 +7,21 @@ times the healthy backends once per batch-shape bucket and keeps the fastest), a
 at run time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
 """
 
+import inspect
 import logging
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
-from espnet2.utils.get_default_kwargs import get_default_kwargs
-from espnet.nets.pytorch_backend.frontends.frontend import Frontend
 
 from espnet_flashcompat import attention, calibrate
 from espnet_flashcompat.guard import import_s3prl, one_line, recovered_faults
 from espnet_flashcompat.hub import ResilientHub, close_names
 
 logger = logging.getLogger(__name__)
+# Stock defaults, read off S3prlFrontend itself: the class behind its frontend_conf default moved from espnet.nets
+# (202511) to espnet2.legacy.nets (202611), and the signature is all we need of it.
+_STOCK = inspect.signature(S3prlFrontend.__init__).parameters
 
 
 class S3prlFlashCompatFrontend(S3prlFrontend):
@@ -28,7 +30,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
     def __init__(
         self,
         fs: Union[int, str] = 16000,
-        frontend_conf: Optional[dict] = get_default_kwargs(Frontend),
+        frontend_conf: Optional[dict] = _STOCK["frontend_conf"].default,
         download_dir: Optional[str] = None,
         multilayer_feature: bool = False,
         layer: int = -1,

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import List, Optional
 
+from espnet_flashcompat import espnet_compat
+
 logger = logging.getLogger(__name__)
 
 FLASH_ATTN = "flash_attn"
@@ -139,8 +141,7 @@ def classify(exc: BaseException, upstream: Optional[str] = None) -> Diagnosis:
     module, attribute = _missing(root)
     upstream = upstream or _upstream_in(root)
     if isinstance(root, ModuleNotFoundError) and module in _REQUIRED:
-        return Diagnosis(NOT_INSTALLED, error, where, module, upstream=upstream,
-                         hint=f"pip install {module} (constraints.txt pins a known-good stack)")
+        return Diagnosis(NOT_INSTALLED, error, where, module, upstream=upstream, hint=_install_hint(module))
     if upstream:
         return Diagnosis(UPSTREAM_DEPENDENCY, error, where, module, attribute, upstream,
                          hint=_dependency_hint(module, attribute, upstream))
@@ -246,6 +247,15 @@ def _dependency_hint(module, attribute, upstream) -> str:
 def _version_of(module: str) -> str:
     mod = sys.modules.get(module.split(".")[0])
     return str(getattr(mod, "__version__", "")) if mod else ""
+
+
+def _install_hint(module: str) -> str:
+    if module != "s3prl":
+        return f"pip install {module} (stacks/ in the espnet-flashcompat repository pins known-good stacks)"
+    wanted = espnet_compat.wanted_s3prl()
+    other = espnet_compat.ORIGINAL_S3PRL if wanted == espnet_compat.ESPNET_S3PRL else espnet_compat.ESPNET_S3PRL
+    return (f"pip install {wanted} (the S3PRL distribution this ESPnet asks for; never install {other} over it: "
+            "both provide the package 's3prl')")
 
 
 def _flash_attn_path() -> Optional[str]:

@@ -1,24 +1,29 @@
 """Task registration and the startup hook: make ``frontend: s3prl_flashcompat`` known to ESPnet.
 
-``register()`` adds ``s3prl_flashcompat`` to the ``frontend_choices`` of every installed ESPnet task
-that offers ``s3prl``. Task modules already imported are updated at once; the others are updated right
-after they are imported, by a ``sys.meta_path`` finder that wraps their loader, so no task module is
-imported here. ``startup()`` is what ``espnet_flashcompat.pth`` runs in every interpreter: it arms that
-finder unless ``ESPNET_FLASHCOMPAT_DISABLE=1``, never raises, and imports nothing heavy (no torch,
-ESPnet, S3PRL or transformers; not even ``logging`` unless there is a warning to give).
-``hook_state()`` reports all this for ``espnet-flashcompat doctor``.
+Registration follows ESPnet, not a list: every module under ``espnet_compat.TASK_PACKAGES`` (``espnet2.tasks.*``,
+ESPnet3's ``espnet3.*``) that holds a ``ClassChoices`` offering ESPnet's ``S3prlFrontend`` as ``s3prl`` gets
+``s3prl_flashcompat`` beside it. ``register()`` updates the modules already imported at once and arms a
+``sys.meta_path`` finder that updates the others right after they are imported (it wraps their loader), so no
+ESPnet module is imported here. ``startup()`` is what ``espnet_flashcompat.pth`` runs in every interpreter: it arms
+that finder unless ``ESPNET_FLASHCOMPAT_DISABLE=1``, never raises, and imports nothing heavy (no torch, ESPnet,
+S3PRL or transformers; not even ``logging`` unless there is a warning to give).
+
+If our frontend cannot be imported, the key is registered all the same, as a stand-in whose construction raises
+the real ImportError: users who never ask for it see nothing; one who asks gets the cause, not ESPnet's bare
+"--frontend must be one of". ``ESPNET_FLASHCOMPAT_REPLACE_S3PRL=1`` (opt-in) makes ``frontend: s3prl`` build our
+frontend too, for configs one cannot edit. ``hook_state()`` reports all this for ``espnet-flashcompat doctor``.
 """
 
 import os
 import sys
 
-KEY = "s3prl_flashcompat"
+from espnet_flashcompat.espnet_compat import TASK_PACKAGES
+
+KEY, STOCK_KEY = "s3prl_flashcompat", "s3prl"
 FRONTEND = "espnet_flashcompat.frontend:S3prlFlashCompatFrontend"
 DISABLE_ENV = "ESPNET_FLASHCOMPAT_DISABLE"
-
-# The ESPnet tasks whose frontend_choices offer `s3prl` (module espnet2.tasks.<task>).
-TASKS = ("asr", "st", "slu", "s2t", "s2t_ctc", "uasr", "diar", "spk", "lid", "cls", "asvspoof", "s2st", "enh_s2t")
-_MODULES = {f"espnet2.tasks.{task}": task for task in TASKS}
+REPLACE_ENV = "ESPNET_FLASHCOMPAT_REPLACE_S3PRL"
+_WATCHED = tuple(package + "." for package in TASK_PACKAGES)
 
 # The startup hook: setup.py writes PTH_LINE into PTH_NAME at the root of site-packages. `site` execs
 # lines that start with "import"; the exec'd try/except keeps even a broken install silent.
@@ -28,26 +33,25 @@ PTH_LINE = (
     "except Exception: pass')\n"
 )
 
-_registered = {}  # task -> names of the choices that received KEY (e.g. ["frontend", "diar_frontend"])
-_not_registered = {}  # task -> why its imported module got no KEY
+_registered = {}  # module name -> names of its choices that offer KEY (e.g. ["diar_frontend", "frontend"])
+_failed = {}  # module name -> why registering it raised
+_frontend = {}  # "class": the frontend class or its stand-in; "error": why the real one cannot be imported
 _startup = {"ran": False, "error": None}
 _DEBUG, _WARNING = 10, 30  # logging's levels, without importing logging
 
 
 def register() -> list:
-    """Make ``s3prl_flashcompat`` a frontend choice of every installed ESPnet task that offers ``s3prl``.
+    """Make ``s3prl_flashcompat`` a frontend choice of every ESPnet module that offers ``s3prl``.
 
-    Idempotent. Imports no task module: those already imported are registered now (errors raise),
-    the others right after they are imported. ``ESPNET_FLASHCOMPAT_DISABLE`` does not apply here (it
-    turns off the startup hook only). Returns the names of the tasks (in ``TASKS`` order) whose
-    ``frontend_choices`` offer ``s3prl_flashcompat`` from now on in this process.
+    Idempotent. Imports no ESPnet module: those already imported are updated now (errors raise), the others
+    right after they are imported. ``ESPNET_FLASHCOMPAT_DISABLE`` does not apply here (it turns off the startup
+    hook only). Returns the names of the imported modules whose choices offer the key, sorted.
     """
-    imported = {task: sys.modules[name] for name, task in _MODULES.items() if name in sys.modules}
-    for module in imported.values():
-        _register_module(module)
+    for name, module in list(sys.modules.items()):
+        if name.startswith(_WATCHED) and module is not None:
+            _register_module(module)
     _arm()
-    pending = _installed_tasks() - set(imported)
-    return [task for task in TASKS if task in _registered or task in pending]
+    return sorted(_registered)
 
 
 def startup() -> None:
@@ -65,7 +69,12 @@ def startup() -> None:
 
 def disabled_by_env() -> bool:
     """True when ``ESPNET_FLASHCOMPAT_DISABLE`` asks to turn the startup hook off (1/true/yes/on)."""
-    return os.environ.get(DISABLE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    return _env_flag(DISABLE_ENV)
+
+
+def replaces_stock() -> bool:
+    """True when ``ESPNET_FLASHCOMPAT_REPLACE_S3PRL`` asks ``frontend: s3prl`` to build our frontend too."""
+    return _env_flag(REPLACE_ENV)
 
 
 def hook_state() -> dict:
@@ -85,9 +94,11 @@ def hook_state() -> dict:
         "startup_ran": _startup["ran"],  # startup() ran in this process (the .pth, or a direct call)
         "startup_error": _startup["error"],
         "disabled_by_env": disabled_by_env(),
+        "replaces_stock": replaces_stock(),
         "armed": _hook() is not None,
-        "registered": {task: list(names) for task, names in _registered.items()},
-        "not_registered": dict(_not_registered),
+        "registered": {module: list(names) for module, names in sorted(_registered.items())},
+        "failed": dict(_failed),
+        "frontend_error": _frontend.get("error"),  # why our frontend cannot be imported (the stand-in's cause)
     }
 
 
@@ -100,7 +111,7 @@ class _TaskImportHook:
         self._finding = set()  # guards against finders that re-enter the import system
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in _MODULES or fullname in self._finding:
+        if not fullname.startswith(_WATCHED) or fullname in self._finding:
             return None
         self._finding.add(fullname)
         try:
@@ -137,36 +148,55 @@ class _RegisteringLoader:
         self.loader.exec_module(module)
         try:
             _register_module(module)
-        except Exception as exc:  # never break the import of an ESPnet task
-            _not_registered[_MODULES[module.__name__]] = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # never break the import of an ESPnet module
+            _failed[module.__name__] = f"{type(exc).__name__}: {exc}"
             _log(_WARNING, "espnet-flashcompat: could not add frontend %r to %s: %s: %s",
                  KEY, module.__name__, type(exc).__name__, exc)
 
 
 def _register_module(module) -> None:
-    """Add KEY to each of the module's choices whose ``s3prl`` is ESPnet's ``S3prlFrontend``."""
-    task = _MODULES[module.__name__]
+    """Add KEY to each of the module's choices that offer ESPnet's ``S3prlFrontend`` as ``s3prl``."""
     stock = getattr(sys.modules.get("espnet2.asr.frontend.s3prl"), "S3prlFrontend", None)
-    targets = [
-        value for value in list(vars(module).values())
-        if stock is not None and isinstance(getattr(value, "classes", None), dict)
-        and value.classes.get("s3prl") is stock
-    ]
+    if stock is None:  # the module never imported S3prlFrontend: it offers no s3prl
+        return
+    targets = [value for value in list(vars(module).values())
+               if isinstance(getattr(value, "classes", None), dict)
+               and (value.classes.get(STOCK_KEY) is stock or KEY in value.classes)]
     if not targets:
-        _not_registered[task] = "no frontend choices offering ESPnet's S3prlFrontend as 's3prl'"
         return
     frontend = _frontend_class()
     for choices in targets:
         choices.classes.setdefault(KEY, frontend)
-    _registered[task] = sorted({str(choices.name) for choices in targets})
-    _not_registered.pop(task, None)
+        if replaces_stock():
+            choices.classes[STOCK_KEY] = frontend
+    _registered[module.__name__] = sorted({str(choices.name) for choices in targets})
+    _failed.pop(module.__name__, None)
 
 
 def _frontend_class():
-    import importlib
+    """Our frontend class; if it cannot be imported, a stand-in that raises the real ImportError when built."""
+    if "class" not in _frontend:
+        import importlib
 
-    module_name, _, attr = FRONTEND.partition(":")
-    return getattr(importlib.import_module(module_name), attr)
+        module_name, _, attr = FRONTEND.partition(":")
+        try:
+            _frontend["class"] = getattr(importlib.import_module(module_name), attr)
+        except Exception as exc:
+            _frontend["error"] = f"{type(exc).__name__}: {exc}"
+            _frontend["class"] = _unavailable(exc)
+            _log(_DEBUG, "espnet-flashcompat: %s cannot be imported: %s", FRONTEND, _frontend["error"])
+    return _frontend["class"]
+
+
+def _unavailable(cause: Exception) -> type:
+    """The stand-in for a frontend that cannot be imported: building it raises ImportError from ``cause``."""
+
+    class S3prlFlashCompatFrontendUnavailable:
+        def __init__(self, *args, **kwargs):
+            raise ImportError(f"frontend '{KEY}' cannot be built: {FRONTEND} failed to import: "
+                              f"{type(cause).__name__}: {cause}. Run `espnet-flashcompat doctor`") from cause
+
+    return S3prlFlashCompatFrontendUnavailable
 
 
 def _find_spec_elsewhere(fullname, path, target):
@@ -189,26 +219,6 @@ def _arm() -> None:
         sys.meta_path.insert(0, _TaskImportHook())
 
 
-def _installed_tasks() -> set:
-    """The tasks whose module exists in the installed ESPnet, found on disk without importing anything."""
-    from importlib.machinery import PathFinder
-    from importlib.util import find_spec
-
-    package = sys.modules.get("espnet2.tasks")
-    locations = getattr(package, "__path__", None)
-    if locations is None:
-        espnet2 = sys.modules.get("espnet2")
-        espnet2_path = getattr(espnet2, "__path__", None)
-        if espnet2_path is None:
-            spec = find_spec("espnet2")
-            espnet2_path = spec.submodule_search_locations if spec is not None else None
-        spec = PathFinder.find_spec("espnet2.tasks", espnet2_path) if espnet2_path else None
-        locations = spec.submodule_search_locations if spec is not None else None
-    if not locations:
-        return set()
-    return {task for name, task in _MODULES.items() if PathFinder.find_spec(name, list(locations)) is not None}
-
-
 def _find_pth():
     dirs = list(sys.path)
     if "site" in sys.modules:
@@ -219,6 +229,10 @@ def _find_pth():
         if os.path.isfile(candidate):
             return candidate
     return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _log(level, msg, *args):

@@ -39,7 +39,8 @@ PyMODINIT_FUNC PyInit_flash_attn_2_cuda(void) {{ return PyModule_Create(&module)
 """
 
 _PRELUDE = f'''\
-"""Fault prelude written by tests/faults.py: blocks top-level modules (${_BLOCK_VAR}, comma-separated) and
+"""Fault prelude written by tests/faults.py: blocks modules (${_BLOCK_VAR}, comma-separated: a top-level name
+blocks its whole package, a dotted name that module alone) and
 fakes CUDA (${_FAKE_CUDA_VAR}=1) at interpreter start, then runs the sitecustomize it shadows, if any."""
 import importlib.machinery, importlib.util, os, sys
 
@@ -49,7 +50,7 @@ _blocked = frozenset(filter(None, os.environ.get("{_BLOCK_VAR}", "").split(","))
 class _Blocker:
     @staticmethod
     def find_spec(name, path=None, target=None):
-        if name.partition(".")[0] in _blocked:
+        if name in _blocked or name.partition(".")[0] in _blocked:
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
         return None
 

@@ -1,7 +1,8 @@
 """``espnet-flashcompat doctor``: exit code, explanation and JSON schema on the real stack and real broken installs.
 
-Each scenario runs the real command in a fresh interpreter. The stock stack is the broken-torchaudio
-environment (byol_s and mos_prediction cannot be imported on torchaudio >= 2.9) and is healthy for us.
+Each scenario runs the real command in a fresh interpreter. Both stacks are healthy for us: on the legacy one
+(s3prl 0.4.18) byol_s and mos_prediction cannot be imported on torchaudio >= 2.9, which doctor names; on the
+current one (espnet-s3prl) every upstream imports.
 """
 
 import json
@@ -11,8 +12,9 @@ import sys
 
 import pytest
 
-from espnet_flashcompat.doctor import render
+from espnet_flashcompat.doctor_text import render
 from faults import run
+from stacks import S3PRL_DIST, STACK, TORCHAUDIO_BREAKS_STOCK, only_on
 
 DOCTOR = [sys.executable, "-m", "espnet_flashcompat", "doctor"]
 STALE = "not properly installed"
@@ -40,23 +42,34 @@ def _levels(report, topic):
 
 
 @pytest.mark.slow
-def test_stock_stack_is_healthy_and_names_the_torchaudio_breakage():
+def test_stock_stack_is_healthy_and_names_what_is_broken():
     report = _report(expect=0)
-    assert set(report) == TOP_KEYS and report["schema_version"] == 1
+    assert set(report) == TOP_KEYS and report["schema_version"] == 2
     assert report["status"] == "healthy" and report["mode"] == "full"
     assert {f["level"] for f in report["findings"]} <= {"warning"}
     s3prl = report["s3prl"]
+    assert s3prl["distribution"] == S3PRL_DIST and s3prl["version"]
     assert s3prl["usable"] and s3prl["error"] is None and s3prl["recovered"] == []
     assert s3prl["upstream"] == {"name": "hf_wav2vec2_custom", "package": "hf_wav2vec2", "ok": True, "error": None}
     ups = s3prl["upstreams"]
     assert ups["probed"] and {"hf_wav2vec2", "hubert", "wavlm", "wav2vec2"} <= set(ups["ok"])
-    byol_s = ups["failed"]["byol_s"]
-    assert byol_s["kind"] == "upstream_dependency" and "set_audio_backend" in byol_s["error"]
-    assert byol_s["module"] == "torchaudio" and byol_s["attribute"] == "set_audio_backend"
-    assert any("byol_s" in f["message"] and "set_audio_backend" in f["message"] for f in report["findings"])
     assert set(ups["failed"]).isdisjoint(ups["ok"]) and len(ups["ok"]) + len(ups["failed"]) > 30
-    assert report["espnet"]["tasks"]["asr"] == "registered"
-    assert set(report["espnet"]["tasks"].values()) <= {"registered", "absent"}
+    if TORCHAUDIO_BREAKS_STOCK:
+        byol_s = ups["failed"]["byol_s"]
+        assert byol_s["kind"] == "upstream_dependency" and "set_audio_backend" in byol_s["error"]
+        assert byol_s["module"] == "torchaudio" and byol_s["attribute"] == "set_audio_backend"
+        assert any("byol_s" in f["message"] and "set_audio_backend" in f["message"] for f in report["findings"])
+    else:  # espnet-s3prl fixed it
+        assert ups["failed"] == {} and "byol_s" in ups["ok"]
+    tasks = report["espnet"]["tasks"]
+    assert report["espnet"]["frontend"] == {"importable": True, "error": None}
+    offering = {"asr", "st", "slu", "s2t", "diar", "enh_s2t", "spk", "cls", "lid", "asvspoof", "s2st", "uasr"}
+    offering |= {"aqa"} if STACK == "current" else set()
+    assert {m.replace("espnet2.tasks.", "") for m, state in tasks.items() if state == "registered"} >= offering
+    assert tasks["espnet2.tasks.mt"] == "no-s3prl"
+    if STACK == "current":
+        assert tasks["espnet3.systems.esp2_asr.task"] == "registered"
+    assert set(tasks.values()) <= {"registered", "no-s3prl"}
     assert report["flash_attn"]["installed"] is False and report["flash_attn"]["importable"] is False
     cpu = report["devices"][0]
     assert cpu["device"] == "cpu" and set(cpu["backends"]) == BACKENDS and cpu["auto"] == "sdpa"
@@ -66,7 +79,8 @@ def test_stock_stack_is_healthy_and_names_the_torchaudio_breakage():
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "sdpa"
     assert "frontend: s3prl_flashcompat" in report["recommended"]["yaml"]
     text = render(report)
-    assert "set_audio_backend" in text and text.endswith("Status: healthy (exit 0)")
+    assert f"{S3PRL_DIST} {s3prl['version']}" in text and text.endswith("Status: healthy (exit 0)")
+    assert ("set_audio_backend" in text) == TORCHAUDIO_BREAKS_STOCK
 
 
 @pytest.mark.slow
@@ -118,7 +132,7 @@ def test_missing_s3prl_is_broken():
     assert _levels(report, "s3prl") == ["error"] and report["status"] == "broken"
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "auto"
     text = render(report)
-    assert "No module named 's3prl'" in text and "pip install s3prl" in text
+    assert "No module named 's3prl'" in text and f"pip install {S3PRL_DIST} (the S3PRL distribution" in text
     assert text.endswith("Status: broken (exit 2)")
 
 
@@ -130,6 +144,15 @@ def test_missing_espnet_is_broken():
 
 
 @pytest.mark.slow
+def test_an_unimportable_frontend_is_broken():
+    report = _report("--quick", expect=2, block=["espnet_flashcompat.frontend"])
+    assert report["espnet"]["frontend"]["importable"] is False
+    assert "No module named 'espnet_flashcompat.frontend'" in report["espnet"]["frontend"]["error"]
+    assert _levels(report, "frontend") == ["error"]
+
+
+@pytest.mark.slow
+@only_on("legacy", "byol_s is broken by torchaudio >= 2.9 only in s3prl 0.4.18")
 def test_an_upstream_broken_by_torchaudio_is_broken_for_whoever_names_it():
     report = _report("--quick", "--upstream", "byol_s_default", expect=2)
     named = report["s3prl"]["upstream"]

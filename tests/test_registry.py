@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from espnet_flashcompat import registry
+from stacks import STACK
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "espnet", "espnet2", "s3prl", "transformers", "numpy", "logging")
@@ -65,51 +66,58 @@ print(json.dumps(dict(state=r.hook_state(), hooks=sum(getattr(f, "_espnet_flashc
     assert out["state"]["disabled_by_env"] and out["state"]["startup_ran"] and not out["state"]["armed"]
 
 
-def test_register_is_lazy_idempotent_and_lists_the_installed_tasks():
+def test_register_is_lazy_idempotent_and_imports_nothing():
     out = result_of(run_python(f"""
 import json, sys
 import espnet_flashcompat.registry as r
 first, second = r.register(), r.register()
 print(json.dumps(dict(first=first, second=second, heavy=[m for m in {HEAVY!r} if m in sys.modules],
-                      tasks=sorted(m for m in sys.modules if m.startswith("espnet2.tasks")),
+                      tasks=sorted(m for m in sys.modules if m.startswith(("espnet2.tasks", "espnet3"))),
                       hooks=sum(getattr(f, "_espnet_flashcompat_hook", False) for f in sys.meta_path))))
 """))
-    assert out["first"] == list(registry.TASKS)  # espnet 202511 has all of them
-    assert out["second"] == out["first"]
-    assert out["heavy"] == [] and out["tasks"] == []  # nothing was imported to find them
+    assert out["first"] == out["second"] == []  # nothing imported yet, so nothing registered yet
+    assert out["heavy"] == [] and out["tasks"] == []  # and register() imported nothing
     assert out["hooks"] == 1
 
 
+# The modules that offer ESPnet's S3prlFrontend as `s3prl`, and the choices in each (found by reading the wheels).
+_OFFERING = {f"espnet2.tasks.{task}": ["frontend"] for task in (
+    "asr", "st", "slu", "s2t", "s2t_ctc", "uasr", "diar", "spk", "lid", "cls", "asvspoof", "s2st")}
+_OFFERING["espnet2.tasks.enh_s2t"] = ["diar_frontend", "frontend"]  # ASR's choices and a deep copy of diar's
+if STACK == "current":
+    _OFFERING.update({"espnet2.tasks.aqa": ["frontend"], "espnet3.systems.esp2_asr.task": ["frontend"]})
+_NOT_OFFERING = ["espnet2.tasks.mt", "espnet2.tasks.hubert"]  # frontend_choices without S3PRL
+
+
 @pytest.mark.slow
-def test_every_task_gets_the_key_when_its_module_is_imported():
+def test_every_module_that_offers_s3prl_gets_the_key_when_imported():
     out = result_of(run_python(f"""
 import importlib, json, sys
 import espnet_flashcompat.registry as r
 r.startup()
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend as ours
-offered = {{}}
-for task in r.TASKS:
-    module = importlib.import_module("espnet2.tasks." + task)
-    offered[task] = sorted(name for name, value in vars(module).items()
+offered, loaders = {{}}, []
+for name in {sorted(_OFFERING) + _NOT_OFFERING!r}:
+    module = importlib.import_module(name)
+    offered[name] = sorted(attr for attr, value in vars(module).items()
                            if isinstance(getattr(value, "classes", None), dict)
                            and value.classes.get("s3prl_flashcompat") is ours)
-    assert type(module.__loader__).__name__ == "SourceFileLoader", module.__loader__
-    assert module.__spec__.loader is module.__loader__
+    loaders.append(type(module.__loader__).__name__ == "SourceFileLoader" and module.__spec__.loader is module.__loader__)
 from espnet2.tasks.asr import ASRTask
 asr_choices = [c for c in ASRTask.class_choices_list if c.name == "frontend"][0]
-print(json.dumps(dict(offered=offered, state=r.hook_state(),
+print(json.dumps(dict(offered=offered, state=r.hook_state(), loaders=all(loaders),
                       asr_class=asr_choices.get_class("s3prl_flashcompat") is ours,
                       asr_choices=list(asr_choices.choices()))))
 """))
     assert out["asr_class"] and "s3prl_flashcompat" in out["asr_choices"] and "s3prl" in out["asr_choices"]
-    for task in registry.TASKS:
-        # enh_s2t: ASR's frontend_choices, diar's (imported as diar_front_end_choices_) and its deep copy
-        expected = (["diar_front_end_choices_", "diar_frontend_choices", "frontend_choices"] if task == "enh_s2t"
-                    else ["frontend_choices"])
-        assert out["offered"][task] == expected, task
-    assert sorted(out["state"]["registered"]) == sorted(registry.TASKS)
-    assert out["state"]["registered"]["enh_s2t"] == ["diar_frontend", "frontend"]
-    assert out["state"]["not_registered"] == {}
+    assert out["loaders"]  # the modules see their real loader, as without us
+    for name in _NOT_OFFERING:
+        assert out["offered"][name] == [], name
+    # enh_s2t: ASR's frontend_choices, diar's (imported as diar_front_end_choices_) and its deep copy
+    assert out["offered"]["espnet2.tasks.enh_s2t"] == ["diar_front_end_choices_", "diar_frontend_choices",
+                                                       "frontend_choices"]
+    assert out["state"]["registered"] == _OFFERING
+    assert out["state"]["failed"] == {} and out["state"]["frontend_error"] is None
 
 
 @pytest.mark.slow
@@ -128,11 +136,27 @@ print(json.dumps(dict(before=before, first=first, second=second, keys=keys,
                       cls=asr.frontend_choices.classes["s3prl_flashcompat"].__qualname__)))
 """, disable=True))
     assert out["before"] is False
-    assert out["first"] == out["second"] == list(registry.TASKS)
+    assert out["first"] == out["second"] == ["espnet2.tasks.asr"]
     assert out["keys"].count("s3prl_flashcompat") == 1 and out["keys_again"] == out["keys"]
     assert out["cls"] == "S3prlFlashCompatFrontend"
-    assert out["state"]["registered"] == {"asr": ["frontend"]}
-    assert out["state"]["armed"]  # register() arms the hook for the tasks not imported yet
+    assert out["state"]["registered"] == {"espnet2.tasks.asr": ["frontend"]}
+    assert out["state"]["armed"]  # register() arms the hook for the modules not imported yet
+
+
+@pytest.mark.slow
+def test_replace_env_makes_stock_s3prl_build_ours():
+    out = result_of(run_python("""
+import json, os
+os.environ["ESPNET_FLASHCOMPAT_REPLACE_S3PRL"] = "1"
+import espnet_flashcompat.registry as r
+r.startup()
+import espnet2.tasks.asr as asr
+from espnet_flashcompat.frontend import S3prlFlashCompatFrontend as ours
+print(json.dumps(dict(stock=asr.frontend_choices.get_class("s3prl") is ours,
+                      key=asr.frontend_choices.get_class("s3prl_flashcompat") is ours,
+                      state=r.hook_state())))
+"""))
+    assert out["stock"] and out["key"] and out["state"]["replaces_stock"]
 
 
 @pytest.mark.slow
@@ -155,20 +179,32 @@ runpy.run_module("espnet2.bin.st_train", run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.slow
-def test_a_failing_registration_never_breaks_the_task_import():
+def test_an_unimportable_frontend_stays_silent_until_asked_for():
+    """The key is registered as a stand-in: the task imports and trains other frontends quietly; building
+    ``s3prl_flashcompat`` raises the real ImportError, not ESPnet's bare "--frontend must be one of"."""
     proc = run_python("""
 import json, sys
 import espnet_flashcompat.registry as r
 sys.modules["espnet_flashcompat.frontend"] = None  # importing the frontend now raises ImportError
 r.startup()
 import espnet2.tasks.uasr as uasr
-print(json.dumps(dict(present="s3prl_flashcompat" in uasr.frontend_choices.classes, state=r.hook_state(),
-                      task=uasr.UASRTask.__name__)))
+stock = type(uasr.frontend_choices.get_class("default")()).__name__
+try:
+    uasr.frontend_choices.get_class("s3prl_flashcompat")(fs=16000)
+    error = None
+except ImportError as exc:
+    error = f"{type(exc).__name__}: {exc} <- {type(exc.__cause__).__name__}"
+print(json.dumps(dict(task=uasr.UASRTask.__name__, stock=stock, error=error, state=r.hook_state())))
 """)
     out = result_of(proc)
-    assert out["task"] == "UASRTask" and out["present"] is False
-    assert out["state"]["not_registered"]["uasr"].startswith("ModuleNotFoundError")
-    assert "could not add frontend 's3prl_flashcompat' to espnet2.tasks.uasr" in proc.stderr
+    assert out["task"] == "UASRTask" and out["stock"] == "DefaultFrontend"
+    assert out["error"].startswith("ImportError: frontend 's3prl_flashcompat' cannot be built: "
+                                   "espnet_flashcompat.frontend:S3prlFlashCompatFrontend failed to import: "
+                                   "ModuleNotFoundError: import of espnet_flashcompat.frontend halted")
+    assert out["error"].endswith("<- ModuleNotFoundError")
+    assert out["state"]["registered"] == {"espnet2.tasks.uasr": ["frontend"]}
+    assert out["state"]["frontend_error"].startswith("ModuleNotFoundError")
+    assert "s3prl_flashcompat" not in proc.stderr  # nothing said to a user who did not ask
 
 
 def test_startup_never_raises_in_a_broken_process():
