@@ -1,5 +1,6 @@
 """The startup hook as pip installs it: ``pip install .`` and ``pip install -e .`` in fresh venvs, then uninstall;
-and stock ESPnet entry points seeing ``frontend: s3prl_flashcompat`` in the project venv, with no wrapper.
+installing into a full ESPnet environment changes nothing but this package (the user's S3PRL stays); and stock
+ESPnet entry points seeing ``frontend: s3prl_flashcompat`` in the project venv, with no wrapper.
 
 The fresh venvs get the package alone (``--no-deps``): the hook must arm without ESPnet or torch around.
 They build from a copy of this checkout under tmp, so the build never writes into the working tree.
@@ -80,6 +81,49 @@ def test_pth_hook_in_a_fresh_venv_and_nothing_left_after_uninstall(tmp_path, edi
     assert proc.stderr == ""
     proc = run([python, "-c", "import espnet_flashcompat"], cwd=tmp_path)
     assert proc.returncode == 1 and "No module named 'espnet_flashcompat'" in proc.stderr
+
+
+STOCK_FRONTEND = """
+import json, sys, torch
+from espnet2.asr.frontend.s3prl import S3prlFrontend
+frontend = S3prlFrontend(frontend_conf={"upstream": "hf_wav2vec2_custom", "path_or_url": sys.argv[1]})
+feats, lens = frontend(torch.randn(2, 16000), torch.tensor([16000, 12000]))
+print(json.dumps(dict(cls=type(frontend).__name__, shape=list(feats.shape))))
+"""
+
+
+def _freeze(python, cwd):
+    """Distribution name -> version, every distribution (pip, setuptools too), as ``pip list`` sees them."""
+    out = check(run([python, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"], cwd=cwd)).stdout
+    return {d["name"].lower().replace("_", "-"): d["version"] for d in json.loads(out)}
+
+
+@pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs the project venv (scripts/venv.sh)")
+def test_installing_into_an_espnet_environment_adds_this_package_alone(tmp_path, tiny_wav2vec2):
+    """A hard-linked copy of the project venv (a full ESPnet stack with its S3PRL: espnet-s3prl on the current stack,
+    s3prl on the legacy one) minus this package; then ``pip install SRC`` and ``pip install -e SRC`` as a user runs
+    them, with dependency resolution. Hard links make the copy cheap; pip and Python replace files, never write
+    into them, so the project venv is untouched."""
+    venv = tmp_path / "venv"
+    check(run(["cp", "-al", sys.prefix, venv], cwd=tmp_path))
+    python = venv / "bin" / "python"
+    check(run([python, "-m", "pip", "uninstall", "-y", "-q", "espnet-flashcompat"], cwd=tmp_path))
+    before = _freeze(python, tmp_path)
+    s3prl = {name: line for name, line in before.items() if name in ("s3prl", "espnet-s3prl")}
+    assert len(s3prl) == 1, f"expected one S3PRL distribution in the project venv, found {s3prl}"
+    src = source_copy(tmp_path / "src")
+    for editable in (False, True):
+        proc = check(run([python, "-m", "pip", "install", "--disable-pip-version-check", *(["-e"] if editable else []),
+                          src], cwd=tmp_path))
+        after = _freeze(python, tmp_path)
+        added = {name for name in after if name not in before}
+        changed = {name for name in before if after.get(name) != before[name]}
+        assert added == {"espnet-flashcompat"} and changed == set(), (added, changed, proc.stdout[-3000:])
+        stock = json.loads(check(run([python, "-c", STOCK_FRONTEND, tiny_wav2vec2], env={"HF_HUB_OFFLINE": "1"},
+                                     cwd=tmp_path)).stdout.strip().splitlines()[-1])
+        assert stock == {"cls": "S3prlFrontend", "shape": [2, 50, 32]}  # stock `frontend: s3prl` still works
+        check(run([python, "-m", "pip", "uninstall", "-y", "-q", "espnet-flashcompat"], cwd=tmp_path))
+        assert _freeze(python, tmp_path) == before
 
 
 def project_venv_state():
