@@ -132,7 +132,9 @@ def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str)
     ran = [t for t in timings.values() if isinstance(t, Timing)]
     if not ran:
         return None
-    rejected = [Rejection(b, f"failed during calibration: {t}") for b, t in timings.items() if isinstance(t, str)]
+    known = {r.backend for r in base.rejected}  # rejected before calibration: said once
+    rejected = [Rejection(b, f"failed during calibration: {t}") for b, t in timings.items()
+                if isinstance(t, str) and b not in known]
     leanest = min(ran, key=lambda t: t.peak_bytes)
     cap = MEMORY_CAP * max(leanest.peak_bytes, 1)
     fits = [t for t in ran if t.peak_bytes <= cap]

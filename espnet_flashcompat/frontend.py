@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat import attention, calibrate
+from espnet_flashcompat import attention, calibrate, ranks
 from espnet_flashcompat.guard import import_s3prl, one_line, recovered_faults
 from espnet_flashcompat.hub import ResilientHub, close_names
 
@@ -77,7 +77,8 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
 
     def _attend_on(self, input: torch.Tensor, input_lengths: torch.Tensor) -> None:
         """The decision for this batch: the policy's, once per (device, dtype in effect), refined under ``auto``
-        by calibration once per shape bucket. A GPU run sees CUDA only after the model is moved."""
+        by calibration once per shape bucket; under DDP once per train/eval, agreed by all ranks (``ranks``).
+        A GPU run sees CUDA only after the model is moved."""
         device = input.device
         model = attention.hf_model(self.upstream)
         dtype = attention.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
@@ -87,18 +88,29 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             if not self._static[key].contenders:
                 logger.info("s3prl_flashcompat: %s", self._static[key].summary())
         decision = self._static[key]
-        if decision.contenders:
+        together = ranks.world_size() > 1 and device.type == "cuda" and self.attn_request == attention.AUTO \
+            and model is not None
+        if decision.contenders or together:
             shape = calibrate.bucket(input, input_lengths)
-            if key + shape not in self._measured:
-                self._measured[key + shape] = self._calibrate(decision, shape, input, input_lengths)
-            decision = self._measured[key + shape]
+            bucket = key + (shape[0] if together else shape,)  # DDP: one calibration for train, one for eval
+            if bucket not in self._measured:
+                self._measured[bucket] = self._calibrate(decision, shape, input, input_lengths, together)
+            decision = self._measured[bucket]
         attention.apply(self.upstream, decision.implementation)
         self.attn_decision = decision
 
-    def _calibrate(self, decision, shape, input, input_lengths) -> attention.AttnDecision:
-        timings = calibrate.measure(lambda: S3prlFrontend.forward(self, input, input_lengths), decision.contenders,
+    def _calibrate(self, decision, shape, input, input_lengths, together=False) -> attention.AttnDecision:
+        """Time the contenders on this batch (under DDP: every rank, even one with a single healthy backend, so
+        that each exchanges its timings and reasons with the others) and pick one."""
+        timings = calibrate.measure(lambda: S3prlFrontend.forward(self, input, input_lengths),
+                                    decision.contenders or (decision.implementation,),
                                     lambda backend: attention.apply(self.upstream, backend), self, input.device)
-        measured = calibrate.pick(timings, decision, calibrate.describe(shape)) or decision
+        where = calibrate.describe(shape)
+        if together:
+            timings.update({r.backend: r.reason for r in decision.rejected})
+            timings = ranks.merge(ranks.gather(timings))
+            where += f", first batch, decided across {ranks.world_size()} ranks"
+        measured = calibrate.pick(timings, decision, where) or decision
         logger.info("s3prl_flashcompat: %s", measured.summary())
         return measured
 

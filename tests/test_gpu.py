@@ -245,6 +245,43 @@ done(first=first.implementation, measured=first.measured, summary=first.summary(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("transformers_line", ["5.x", "4.46"])
+def test_f_switches_after_the_optimizer_exists_keep_training_the_upstream(upstream, healthy_flash_attn,
+                                                                          old_transformers, transformers_line):
+    """Issue 11: the optimizer is built on the model as constructed; the first bf16 forward under auto then
+    calibrates (switching flash_attention_2 <-> sdpa, at least twice) and keeps one. The upstream's parameters
+    must stay the same objects, and a training step must still change them."""
+    pythonpath = healthy_flash_attn + ([old_transformers] if transformers_line == "4.46" else [])
+    result = scenario(r'''
+import transformers
+fe = frontend("auto").train()
+params = {name: p for name, p in fe.upstream.named_parameters()}
+before = {name: p.detach().clone() for name, p in params.items()}
+opt = torch.optim.SGD(fe.parameters(), lr=1e-1)
+owned = {id(p) for group in opt.param_groups for p in group["params"]}
+x, n = batch()
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    feats, lens = fe(x, n)
+valid(feats, lens).square().mean().backward()
+opt.step()
+after = dict(fe.upstream.named_parameters())
+done(transformers=transformers.__version__, decision=fe.attn_decision.implementation,
+     measured=fe.attn_decision.measured, summary=fe.attn_decision.summary(),
+     same_objects=all(after[k] is params[k] for k in params) and set(after) == set(params),
+     owned=sum(id(p) in owned for p in after.values()), total=len(after),
+     graded=sum(p.grad is not None and bool(p.grad.any()) for p in after.values()),
+     changed=sum(not torch.equal(p.detach(), before[k]) for k, p in after.items()
+                 if p.grad is not None and bool(p.grad.any())),
+     trainable=sum(p.requires_grad for p in after.values()))
+''', upstream, pythonpath)
+    assert result["transformers"].startswith("4.46." if transformers_line == "4.46" else "5."), result
+    assert result["measured"], result["summary"]  # auto calibrated: the backend was switched back and forth
+    assert result["same_objects"] and result["owned"] == result["total"], result
+    # every parameter that got a gradient moved (masked_spec_embed gets none: no masking), and nearly all got one
+    assert result["changed"] == result["graded"] >= result["trainable"] - 2, result
+
+
+@pytest.mark.gpu
 def test_b_broken_flash_attn_trains_on_sdpa_and_strict_names_it(upstream, broken_flash_attn):
     result = scenario(r'''
 import importlib.util

@@ -1,0 +1,160 @@
+"""Agreement across DDP ranks (issue 14): ``ranks.merge`` on its own, then real 2-process process groups (gloo) on
+CPU, and on one GPU shared by two processes (gloo accepts CUDA tensors): every rank picks the same backend from
+all ranks' timings, a rank that cannot run a backend vetoes it without a deadlock, ranks on different backends
+still train one model, and calibration's extra passes never reach DDP's gradient hooks.
+"""
+
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from espnet_flashcompat import attention, calibrate, ranks
+from espnet_flashcompat.calibrate import Timing
+from faults import run
+
+FLASH, SDPA = attention.FLASH, attention.SDPA
+BASE = attention.AttnDecision(attention.AUTO, FLASH, contenders=(FLASH, SDPA), context="cuda:0 bfloat16")
+
+
+def test_merge_takes_the_slowest_rank_and_lets_any_rank_veto():
+    fast_flash = {FLASH: Timing(FLASH, 80.0, 8 << 30, 0.01), SDPA: Timing(SDPA, 84.0, 17 << 29, 0.01)}
+    slow_flash = {FLASH: Timing(FLASH, 95.0, 8 << 30, 0.09), SDPA: Timing(SDPA, 85.0, 17 << 29, 0.01)}
+    merged = ranks.merge([fast_flash, slow_flash])
+    assert merged[FLASH] == Timing(FLASH, 95.0, 8 << 30, 0.09) and merged[SDPA] == Timing(SDPA, 85.0, 17 << 29, 0.01)
+    assert calibrate.pick(merged, BASE, "train").implementation == SDPA  # rank 0 alone would have kept flash
+    vetoed = ranks.merge([fast_flash, {FLASH: "Tesla T4 is sm_75", SDPA: Timing(SDPA, 90.0, 9 << 30, 0.0)}])
+    assert vetoed[FLASH] == "rank 1: Tesla T4 is sm_75"
+    decision = calibrate.pick(vetoed, BASE, "train")
+    assert decision.implementation == SDPA
+    assert attention.Rejection(FLASH, "failed during calibration: rank 1: Tesla T4 is sm_75") in decision.rejected
+    assert ranks.merge([{SDPA: Timing(SDPA, 1.0, 1)}, {}])[SDPA] == "rank 1: not a contender there"
+
+
+def test_one_process_exchanges_nothing():
+    timings = {SDPA: Timing(SDPA, 1.0, 0)}
+    assert ranks.world_size() == 1 and ranks.gather(timings) == [timings]
+
+
+def test_calibration_never_reaches_gradient_hooks(tiny_wav2vec2):
+    """DDP's reducer hooks the gradient accumulators; calibration differentiates with torch.autograd.grad, which
+    accumulates nothing: no hook fires and no .grad appears, so DDP sees one backward per step, the real one."""
+    from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
+
+    fe = S3prlFlashCompatFrontend(frontend_conf={"upstream": "hf_wav2vec2_custom", "path_or_url": str(tiny_wav2vec2)})
+    fired = []
+    for p in fe.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    x, n = torch.randn(2, 16000), torch.tensor([16000, 9000])
+    from espnet2.asr.frontend.s3prl import S3prlFrontend
+
+    timings = calibrate.measure(lambda: S3prlFrontend.forward(fe, x, n), (SDPA, attention.EAGER),
+                                lambda b: attention.apply(fe.upstream, b), fe, x.device)
+    assert all(isinstance(t, Timing) for t in timings.values()), timings
+    assert fired == [] and all(p.grad is None for p in fe.parameters())
+    feats, lens = fe(x, n)
+    feats.sum().backward()  # the control: a real backward does fire them
+    assert len(fired) > 0
+
+
+SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+class Model(torch.nn.Module):
+    def __init__(self, fe):
+        super().__init__()
+        self.fe, self.head = fe, torch.nn.Linear(fe.output_size(), 4)
+
+    def forward(self, x, n):
+        feats, lens = self.fe(x, n)
+        return self.head(feats).square().mean()
+
+
+def main(rank, scenario, world, init, tiny, device, out):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    import logging
+    from espnet_flashcompat import attention, ranks
+    from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
+    logs = []
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logs.append(record.getMessage())
+    logging.getLogger("espnet_flashcompat").addHandler(Keep())
+    logging.getLogger("espnet_flashcompat").setLevel(logging.INFO)
+    torch.manual_seed(0)
+    attn = "auto" if scenario == "agree" else "sdpa" if rank == 0 else "eager"
+    fe = S3prlFlashCompatFrontend(frontend_conf={"upstream": "hf_wav2vec2_custom", "path_or_url": tiny},
+                                  attn_implementation=attn).to(device)
+    g = torch.Generator().manual_seed(rank)  # each rank its own batch, as DDP's sampler gives
+    lengths = [16000 + 4000 * rank, 9000]
+    x, n = 0.1 * torch.randn(2, max(lengths), generator=g), torch.tensor(lengths)
+    x, n = x.to(device), n.to(device)
+    result = {"rank": rank, "world": ranks.world_size()}
+    if scenario == "agree":
+        # Rank 1 cannot run eager here (as a rank with an old GPU cannot run flash-attn): it says so.
+        contenders = ("sdpa", "eager") if rank == 0 else ("sdpa",)
+        rejected = () if rank == 0 else (attention.Rejection("eager", "refused on rank 1 for this test"),)
+        base = attention.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
+        decision = fe._calibrate(base, (True, 2, 32768, True), x, n, together=True)
+        result.update(chosen=decision.implementation, summary=decision.summary())
+    else:  # "train": ranks on different backends under DDP still train one model
+        torch.manual_seed(0)
+        # find_unused_parameters, as ESPnet recipes with S3PRL frontends set unused_parameters: true
+        model = torch.nn.parallel.DistributedDataParallel(Model(fe).to(device), find_unused_parameters=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            loss = model(x, n)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        result.update(identical=all(torch.equal(gathered[0], t) for t in gathered),
+                      backend=fe.attn_decision.implementation)
+    result["logs"] = logs
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    scenario, tiny, device, out = sys.argv[1:5]
+    mp.spawn(main, args=(scenario, 2, f"file://{out}.store", tiny, device, out), nprocs=2)
+'''
+
+
+def _two_ranks(tmp_path, scenario, tiny, device="cpu"):
+    script = tmp_path / "ranks_probe.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "result"
+    proc = run([sys.executable, script, scenario, tiny, device, out], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_two_ranks_pick_the_same_backend_and_a_veto_holds(tmp_path, tiny_wav2vec2):
+    results = _two_ranks(tmp_path, "agree", str(tiny_wav2vec2))
+    assert [r["world"] for r in results] == [2, 2]
+    assert [r["chosen"] for r in results] == ["sdpa", "sdpa"]  # eager is vetoed by rank 1, whatever it cost
+    assert "eager: failed during calibration: rank 1: refused on rank 1 for this test" in results[0]["summary"]
+    assert all("decided across 2 ranks" in r["summary"] for r in results), results
+
+
+@pytest.mark.slow
+def test_ranks_on_different_backends_still_train_one_model(tmp_path, tiny_wav2vec2):
+    """What a local run-time fallback leaves behind: rank 0 on sdpa, rank 1 on eager. DDP averages the gradients
+    and every rank applies the same update, so the parameters stay identical on both ranks."""
+    results = _two_ranks(tmp_path, "train", str(tiny_wav2vec2))
+    assert [r["backend"] for r in results] == ["sdpa", "eager"]
+    assert all(r["identical"] for r in results)
+
+
+@pytest.mark.gpu
+def test_two_processes_on_one_gpu_agree(tmp_path, tiny_wav2vec2):
+    results = _two_ranks(tmp_path, "agree", str(tiny_wav2vec2), device="cuda:0")
+    assert [r["chosen"] for r in results] == ["sdpa", "sdpa"]
+    assert all("decided across 2 ranks" in r["summary"] for r in results), results
