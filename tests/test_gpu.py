@@ -427,18 +427,23 @@ RECIPE_CONFIG = "egs_example/asr1/conf/train_asr_flashcompat.yaml"
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
-def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp):
+def _asr_train(tmp_path, upstream, pythonpath, ngpu=1, amp=False, launcher=True, out="exp"):
+    """ESPnet's asr_train on the recipe's config with the tiny GPU upstream: (its log, its exit code).
+    ``launcher``: through TRAIN_LAUNCHER (register() first, for a package on PYTHONPATH); else the stock
+    ``python -m espnet2.bin.asr_train``, which needs the installed startup hook (DDP's spawned workers too)."""
     import yaml
 
     from faults import REPO
 
-    config = yaml.safe_load((REPO / RECIPE_CONFIG).read_text())
-    assert config["frontend"] == "s3prl_flashcompat"
-    config["frontend_conf"]["frontend_conf"]["path_or_url"] = upstream
-    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
-    _corpus(tmp_path)
-    argv = [sys.executable, "-c", TRAIN_LAUNCHER, "--config", tmp_path / "train.yaml", "--ngpu", "1",
-            "--output_dir", tmp_path / "exp", "--use_preprocessor", "true", "--token_type", "word",
+    if not (tmp_path / "train.yaml").exists():
+        config = yaml.safe_load((REPO / RECIPE_CONFIG).read_text())
+        assert config["frontend"] == "s3prl_flashcompat"
+        config["frontend_conf"]["frontend_conf"]["path_or_url"] = upstream
+        (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+        _corpus(tmp_path)
+    entry = ["-c", TRAIN_LAUNCHER] if launcher else ["-m", "espnet2.bin.asr_train"]
+    argv = [sys.executable, *entry, "--config", tmp_path / "train.yaml", "--ngpu", str(ngpu),
+            "--output_dir", tmp_path / out, "--use_preprocessor", "true", "--token_type", "word",
             "--token_list", tmp_path / "tokens.txt", "--batch_type", "unsorted", "--batch_size", "4",
             "--max_epoch", "1", "--num_iters_per_epoch", "4", "--num_workers", "0", "--num_att_plot", "0",
             "--seed", "0"]
@@ -448,12 +453,27 @@ def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp)
                  f"--{split}_shape_file", tmp_path / name / "speech_shape"]
     if amp:  # ESPnet runs the frontend outside autocast unless the model asks for it
         argv += ["--use_amp", "true", "--model_conf", "autocast_frontend=true"]
-    proc = run(argv, pythonpath=healthy_flash_attn, timeout=300, cwd=tmp_path)
-    log = proc.stderr
-    (tmp_path / "train.log").write_text(log)
+    if ngpu > 1:
+        argv += ["--multiprocessing_distributed", "true", "--unused_parameters", "true"]
+    proc = run(argv, pythonpath=pythonpath, timeout=400, cwd=tmp_path)
+    (tmp_path / f"{out}.log").write_text(proc.stderr)
+    print("\n".join(line for line in proc.stderr.splitlines() if "s3prl_flashcompat" in line or "epoch results" in line))
+    return proc.stderr, proc.returncode
+
+
+def _losses(log):
+    """(train loss, valid loss) of the epoch, from ESPnet's '1epoch results' line."""
+    found = re.findall(r"1epoch results: \[train\].*?\bloss=([^,]+),.*\[valid\].*?\bloss=([^,]+),", log)
+    assert found, log[-3000:]
+    return tuple(map(float, found[-1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "amp_bf16"])
+def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp):
+    log, code = _asr_train(tmp_path, upstream, healthy_flash_attn, amp=amp)
     decisions = [line for line in log.splitlines() if "s3prl_flashcompat: attention" in line and "on cuda:0" in line]
-    print("\n".join(line for line in log.splitlines() if "s3prl_flashcompat" in line or "epoch results" in line))
-    assert proc.returncode == 0, log[-5000:]
+    assert code == 0, log[-5000:]
     assert (tmp_path / "exp" / "1epoch.pth").is_file()
     assert decisions, log[-3000:]
     if amp:  # the frontend runs in bf16: auto times flash-attn's kernels against SDPA, never eager
@@ -461,8 +481,28 @@ def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp)
         assert "attention flash_attention_2" in decisions[-1] or "attention sdpa" in decisions[-1], decisions
     else:
         assert "cuda:0 float32" in decisions[-1] and "attention sdpa" in decisions[-1], decisions
-    losses = re.findall(r"1epoch results: \[train\].*?\bloss=([^,]+),.*\[valid\].*?\bloss=([^,]+),", log)
-    assert losses and all(math.isfinite(float(v)) for v in losses[-1]), log[-3000:]  # train and valid loss
+    assert all(map(math.isfinite, _losses(log)))  # train and valid loss
+
+
+@pytest.mark.gpu
+def test_g_espnet_asr_train_on_two_gpus_agrees_and_matches_one_gpu(upstream, healthy_flash_attn, tmp_path):
+    """Issue 14: stock ``python -m espnet2.bin.asr_train --ngpu 2`` (DDP, spawned workers armed by the installed
+    startup hook) with auto in AMP bf16: the decision is taken across both ranks, the run finishes, and its losses
+    equal a 1-GPU run's on the same global batches within noise (bf16, and another reduction order)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    one, code_one = _asr_train(tmp_path, upstream, healthy_flash_attn, ngpu=1, amp=True, launcher=False, out="exp1")
+    two, code_two = _asr_train(tmp_path, upstream, healthy_flash_attn, ngpu=2, amp=True, launcher=False, out="exp2")
+    assert code_one == 0, one[-5000:]
+    assert code_two == 0, two[-5000:]
+    decided = [line for line in two.splitlines() if "decided across 2 ranks" in line]
+    assert decided and all("cuda:0 bfloat16" in line for line in decided), two[-3000:]
+    assert len({re.search(r"attention (\S+)", line).group(1) for line in decided}) == 1, decided
+    (train1, valid1), (train2, valid2) = _losses(one), _losses(two)
+    print(f"losses, 1 GPU: train {train1} valid {valid1}; 2 GPUs: train {train2} valid {valid2}")
+    assert abs(train2 - train1) <= 0.05 * abs(train1) and abs(valid2 - valid1) <= 0.05 * abs(valid1)
 
 
 @pytest.mark.gpu

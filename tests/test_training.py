@@ -4,6 +4,8 @@ The key reaches ESPnet's config system through the installed startup hook alone.
 in the test; the upstream is a tiny random HF wav2vec2 loaded through ``hf_wav2vec2_custom``.
 """
 
+import sys
+
 import numpy as np
 import pytest
 import soundfile
@@ -58,7 +60,7 @@ def _config(tmp_path, tiny, **frontend_conf):
 
 def _train(corpus, config, out, pythonpath=(), env=None):
     data = [f"{corpus}/wav.scp,speech,sound", f"{corpus}/text,text,text"]
-    argv = ["python", "-m", "espnet2.bin.asr_train", "--config", config, "--output_dir", out, "--ngpu", "0",
+    argv = [sys.executable, "-m", "espnet2.bin.asr_train", "--config", config, "--output_dir", out, "--ngpu", "0",
             "--token_type", "char", "--token_list", corpus / "tokens.txt", "--normalize", "none",
             "--use_preprocessor", "true", "--fold_length", "80000", "--fold_length", "150"]
     for split in ("train", "valid"):
@@ -75,7 +77,7 @@ def test_stock_asr_train_and_inference(corpus, tiny_wav2vec2, tmp_path):
     assert saved["frontend"] == "s3prl_flashcompat" and saved["frontend_conf"]["attn_implementation"] == "auto"
     assert (out / "1epoch.pth").is_file()
     assert "s3prl_flashcompat: upstream hf_wav2vec2_custom, attention sdpa" in proc.stderr
-    decode = run(["python", "-m", "espnet2.bin.asr_inference", "--ngpu", "0", "--asr_train_config",
+    decode = run([sys.executable, "-m", "espnet2.bin.asr_inference", "--ngpu", "0", "--asr_train_config",
                   out / "config.yaml", "--asr_model_file", out / "1epoch.pth", "--beam_size", "2",
                   "--data_path_and_name_and_type", f"{corpus}/wav.scp,speech,sound", "--output_dir", tmp_path / "dec"],
                  timeout=600)
@@ -102,6 +104,6 @@ def test_training_with_broken_flash_attn(corpus, tiny_wav2vec2, broken_flash_att
 
 
 def test_another_task_accepts_the_key():
-    proc = run(["python", "-m", "espnet2.bin.st_train", "--print_config", "--frontend", "s3prl_flashcompat"])
+    proc = run([sys.executable, "-m", "espnet2.bin.st_train", "--print_config", "--frontend", "s3prl_flashcompat"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "frontend: s3prl_flashcompat" in proc.stdout and "attn_implementation: auto" in proc.stdout
