@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from espnet_flashcompat import guard
+from espnet_flashcompat import guard, transformers_compat
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,13 @@ def _rejection(backend: str, model, device, dtype) -> Optional[str]:
         return None if getattr(model, "_supports_sdpa", False) else f"{type(model).__name__} does not support sdpa"
     if not (getattr(model, "_supports_flash_attn", False) or getattr(model, "_supports_flash_attn_2", False)):
         return f"{type(model).__name__} does not support flash_attention_2"
+    return flash_rejection(device, dtype)
+
+
+def flash_rejection(device, dtype) -> Optional[str]:
+    """Why flash-attn cannot run on ``device`` in ``dtype`` whatever the model, or None (unknown device/dtype pass):
+    it must import for real, the device must be CUDA sm_80+ (by compute capability), the dtype in effect fp16/bf16.
+    Shared with ``model_attention``, the policy for ESPnet's own attention modules."""
     broken = guard.probe_flash_attn()
     if broken is not None:
         return broken.error
@@ -156,18 +163,12 @@ def _has_attention(upstream) -> bool:
 
 
 def apply(upstream, implementation: str) -> None:
-    """Switch the HF model inside ``upstream`` to ``implementation`` (a no-op for native upstreams)."""
+    """Switch the HF model inside ``upstream`` to ``implementation`` in place (a no-op for native upstreams): the
+    model keeps its parameters, so optimizers, adapters, hooks and frozen layers are untouched by the switch."""
     model = hf_model(upstream)
     if model is None or model.config._attn_implementation == implementation:
         return
-    if hasattr(model, "set_attn_implementation"):  # transformers >= 4.55
-        model.set_attn_implementation(implementation)
-        return
-    # transformers 4.4x choose attention classes at construction: rebuild the model with the same weights
-    rebuilt = type(model)._from_config(model.config, attn_implementation=implementation)
-    rebuilt.load_state_dict(model.state_dict())
-    rebuilt.to(next(model.parameters()).device).train(model.training)
-    getattr(upstream, "upstream", upstream).model = rebuilt
+    transformers_compat.set_attn_implementation(model, implementation)
 
 
 def is_flash_kernel_error(exc: BaseException) -> bool:
