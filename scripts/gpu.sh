@@ -1,27 +1,36 @@
 #!/usr/bin/env bash
 # The GPU truth run (issue 5): the GPU-marked tests (tests/test_gpu.py, scenarios a-e) and the attention benchmark
-# (benchmarks/attention_matrix.py) on an H100 machine with no network: Python 3.12, torch 2.11+cu130 and
-# transformers 5.17 preinstalled, no espnet, no s3prl. Logs and tables go to OUT_DIR.
+# (benchmarks/attention_matrix.py) on the lent H200 machine, which has no network: Python 3.12, torch 2.11.0+cu130,
+# torchaudio 2.11.0 and transformers 5.17.0 preinstalled, no espnet, no s3prl. Logs and tables go to OUT_DIR.
 #
 #   bash scripts/gpu.sh OUT_DIR [all|tests|bench] [ARGS]   # default: all; ARGS go to attention_matrix.py
 #
-# On an H100: about 1 minute of install, 4.5 minutes of tests, 9.5 of benchmark (4.7 per model). Where one command
-# may run 10 minutes at most, make three: `tests`, `bench --models wav2vec2`, `bench --models hubert`.
-# Before: on a machine with PyPI, `bash scripts/gpu_wheels.sh` fills .whl/ (espnet, s3prl and their missing
-# imports; the fault fixtures' flash-attn sdist and transformers 4.46) and .fa/ (the healthy sm90 flash-attn of
-# ../shared/gpu); copy the repo with .whl/ and .fa/ to the GPU machine. Nothing is installed into the machine's
-# Python: everything goes into --target folders under $EFC_GPU_WORK (default /tmp/efc-gpu) that PYTHONPATH names.
-# What it runs, exactly (W=$EFC_GPU_WORK, R=the repo):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site R/.whl/site/*.whl
+# The ESPnet stack: ESPNET_FLASHCOMPAT_STACK=current (default: espnet 202611 + espnet-s3prl, from .whl/site) or
+# legacy (espnet 202511 + s3prl 0.4.18, from .whl/site-legacy). The machine's own torch, torchaudio and
+# transformers serve both.
+# Measured on an H100 with the legacy stack (2026-11-23): about 1 minute of install, 4.5 minutes of tests, 9.5 of
+# benchmark (4.7 per model). Where one command may run 10 minutes at most, make three: `tests`,
+# `bench --models wav2vec2`, `bench --models hubert`.
+# Before: on a machine with PyPI, `bash scripts/gpu_wheels.sh` fills .whl/site (espnet 202611, espnet-s3prl and the
+# imports the machine's image lacks), .whl/faults (the fault fixtures' flash-attn sdist and transformers 4.46) and
+# .fa/ (the healthy sm90 flash-attn of ../shared/gpu, LZMA-repacked); `ESPNET_FLASHCOMPAT_STACK=legacy bash
+# scripts/gpu_wheels.sh` fills .whl/site-legacy instead of .whl/site. Copy the repo with .whl/ and .fa/ to the GPU
+# machine. Nothing is installed into the machine's Python: everything goes into --target folders under
+# $EFC_GPU_WORK (default /tmp/efc-gpu) that PYTHONPATH names. So the startup hook (espnet_flashcompat.pth) is not
+# active there by itself: gpu.sh puts its .pth line in $W/hook, which $W/boot/sitecustomize.py adds as a site dir.
+# What it runs, exactly (W=$EFC_GPU_WORK, R=the repo, S=site for current, site-legacy for legacy):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/site R/.whl/S/*.whl
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target $W/fa R/.fa/flash_attn-*.whl
 #   export PYTHONPATH=$W/site:R HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NLTK_DATA=$W/nltk_data
 #   export ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR=$W/fa            # the healthy flash-attn, for the tests that want it
 #   export ESPNET_FLASHCOMPAT_FAULT_CACHE=$W/faults PIP_NO_INDEX=1 PIP_FIND_LINKS=R/.whl/faults
 #                          # tests/faults.py builds the broken flash-attn and transformers 4.46 from R/.whl/faults
-#   python3 -m pytest -m gpu tests/test_gpu.py -v -rA --timeout 400
+#   python3 -m pytest -m gpu tests/ -v -rA --timeout 400   (EFC_GPU_TESTS: more pytest args)
 #   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR ARGS
+# The install is redone whenever the wheels differ from those recorded in $W/installed (another stack, new wheels).
 # In this workplace, from the repo root: device run(command="bash scripts/gpu.sh $OUT tests", carry=[".whl", ".fa"]),
-# then the same with "bench --models wav2vec2" and "bench --models hubert".
+# then the same with "bench --models wav2vec2" and "bench --models hubert". Each call carries 64 MiB at most: with
+# both stacks fetched, carry only the folders in use, e.g. carry=[".whl/site", ".whl/faults", ".fa"].
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench] [attention_matrix.py args]}
 what=${2:-all}
@@ -34,21 +43,41 @@ out="$(cd "$out" && pwd)"
 export PYTHONUNBUFFERED=1
 stamp() { echo "== $(date -u '+%H:%M:%S') $*"; }
 
-stamp "install into $W (--target folders; the machine's Python is left alone)"
-[ -d "$repo/.whl/site" ] && ls "$repo"/.fa/flash_attn-*.whl >/dev/null \
-    || { echo "missing .whl/ or .fa/: run scripts/gpu_wheels.sh where PyPI is reachable, and bring both" >&2; exit 2; }
-if [ ! -f "$W/installed" ]; then
-    rm -rf "$W/site" "$W/fa"
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$repo"/.whl/site/*.whl || exit 1
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/fa" "$repo"/.fa/flash_attn-*.whl || exit 1
-    # g2p_en (imported by every ESPnet task) downloads NLTK data at import when it finds none; offline that can
-    # hang. Empty archives under the names it checks make it look no further (ASR with word tokens never uses them).
-    mkdir -p "$W/nltk_data/taggers" "$W/nltk_data/corpora"
-    "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(p, "w").close() for p in sys.argv[1:]]' \
-        "$W/nltk_data/taggers/averaged_perceptron_tagger_eng.zip" "$W/nltk_data/corpora/cmudict.zip"
-    touch "$W/installed"
+stack=${ESPNET_FLASHCOMPAT_STACK:-current}
+case "$stack" in
+    current) site="$repo/.whl/site" ;;
+    legacy) site="$repo/.whl/site-legacy" ;;
+    *) echo "gpu.sh: ESPNET_FLASHCOMPAT_STACK=$stack: expected current or legacy" >&2; exit 2 ;;
+esac
+stamp "install the $stack stack into $W (--target folders; the machine's Python is left alone)"
+if ! ls "$site"/*.whl >/dev/null 2>&1 || ! ls "$repo"/.fa/flash_attn-*.whl >/dev/null 2>&1; then
+    echo "missing $site or $repo/.fa: run 'ESPNET_FLASHCOMPAT_STACK=$stack bash scripts/gpu_wheels.sh' where PyPI" \
+        "is reachable, and bring .whl/ and .fa/" >&2
+    exit 2
 fi
-export PYTHONPATH="$W/site:$repo${PYTHONPATH:+:$PYTHONPATH}"
+wanted="$(cd "$repo" && ls "$site"/*.whl .fa/flash_attn-*.whl | xargs -n 1 basename)"
+if [ "$(cat "$W/installed" 2>/dev/null)" != "$wanted" ]; then
+    rm -rf "$W/site" "$W/fa" "$W/nltk_data" "$W/installed"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/site" "$site"/*.whl || exit 1
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$W/fa" "$repo"/.fa/flash_attn-*.whl || exit 1
+    # Legacy stack: g2p_en (imported by every espnet 202511 task) downloads NLTK data at import when it finds none;
+    # offline that can hang. Empty archives under the names it checks make it look no further (ASR with word tokens
+    # never uses them). espnet 202611 imports g2p_en only where it is installed, and .whl/site brings none.
+    if [ -d "$W/site/g2p_en" ]; then
+        mkdir -p "$W/nltk_data/taggers" "$W/nltk_data/corpora"
+        "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(p, "w").close() for p in sys.argv[1:]]' \
+            "$W/nltk_data/taggers/averaged_perceptron_tagger_eng.zip" "$W/nltk_data/corpora/cmudict.zip"
+    fi
+    echo "$wanted" > "$W/installed"
+fi
+# The startup hook, as `pip install` would place it: its .pth line in a site dir that a sitecustomize adds, so
+# stock `python -m espnet2.bin.asr_train` and DDP's spawned workers see s3prl_flashcompat (tests/faults.py's
+# prelude runs this sitecustomize after its own).
+mkdir -p "$W/hook" "$W/boot"
+(cd "$repo" && "$PY" -c 'import sys; from espnet_flashcompat.registry import PTH_LINE, PTH_NAME
+open(sys.argv[1] + "/" + PTH_NAME, "w").write(PTH_LINE)' "$W/hook")
+printf 'import site\nsite.addsitedir(%s)\n' "'$W/hook'" > "$W/boot/sitecustomize.py"
+export PYTHONPATH="$W/site:$repo:$W/boot${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NLTK_DATA="$W/nltk_data" TOKENIZERS_PARALLELISM=false
 export ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR="$W/fa"
 export ESPNET_FLASHCOMPAT_FAULT_CACHE="$W/faults" PIP_NO_INDEX=1 PIP_FIND_LINKS="$repo/.whl/faults"
@@ -58,11 +87,13 @@ stamp "environment -> $out/env.txt"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     "$PY" - <<'EOF'
-import importlib.metadata as md, platform, sys, torch
+import importlib.metadata as md, os, platform, sys, torch
+print("stack", os.environ.get("ESPNET_FLASHCOMPAT_STACK", "current"))
 print("python", platform.python_version(), sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(),
       "device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-for name in ("torchaudio", "transformers", "tokenizers", "huggingface_hub", "espnet", "s3prl", "numpy", "pytest",
+for name in ("torchaudio", "transformers", "tokenizers", "huggingface_hub", "espnet", "espnet-s3prl", "s3prl",
+             "librosa", "numpy", "pytest",
              "pytest-timeout", "pip", "setuptools", "wheel"):
     try:
         print(name, md.version(name))
@@ -77,7 +108,7 @@ cat "$out/env.txt"
 status=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
     stamp "GPU tests -> $out/pytest.log"
-    "$PY" -m pytest -m gpu tests/test_gpu.py -v -rA --timeout 400 -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+    "$PY" -m pytest -m gpu tests/ -v -rA --timeout 400 -p no:cacheprovider ${EFC_GPU_TESTS:-} 2>&1 | tee "$out/pytest.log"
     status=${PIPESTATUS[0]}
     stamp "GPU tests: exit $status"
 fi
