@@ -61,6 +61,12 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
                      implementation: what auto picks on the GPU of highest compute capability, else the CPU;
                      contenders: what auto times there (then the recommended YAML keeps auto)
     recommended      {frontend, frontend_conf, yaml}     frontend_conf as the YAML nests it
+    model_attention  model_attention.doctor_state(): the opt-in model-wide policy for ESPnet's own attention
+                     {env, env_error, option, strict_env, opted_in_by_env, requested, tasks_wrapped,
+                      decisions: [{device, dtype,
+                                   selfattn|rel_selfattn: {implementation, rejected: {backend: reason}}}]}
+                     requested: ESPNET_FLASHCOMPAT_MODEL_ATTN's value, else auto (what the YAML opt-in would ask);
+                     or {error} when it cannot be asked (torch missing)
     findings         [{level: "error"|"degraded"|"warning", topic, message, fix}]
 """
 
@@ -104,6 +110,7 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     model = _tiny_hf_upstream(add) if report["s3prl"]["usable"] else None
     report["devices"] = _devices(model, report["torch"])
     report["attention"].update(_recommended_decision(report["devices"]))
+    report["model_attention"] = _model_attention(add, report["devices"])
     report["espnet"] = _espnet(add, quick)
     report["recommended"] = _recommend(upstream or DEFAULT_UPSTREAM, report["attention"])
     _warn_transformers_blind(add, report["flash_attn"])
@@ -320,6 +327,24 @@ def _devices(model, torch_info: dict) -> List[dict]:
         auto = attention.decide(attention.AUTO, model, where, dtype)
         device["auto"], device["auto_contenders"] = auto.implementation, list(auto.contenders)
     return devices
+
+
+def _model_attention(add, devices: List[dict]) -> dict:
+    """The opt-in model-wide policy for ESPnet's own attention: ESPNET_FLASHCOMPAT_MODEL_ATTN, and its decisions."""
+    try:
+        from espnet_flashcompat import model_attention, optin
+
+        state = model_attention.doctor_state([d["device"] for d in devices])
+    except Exception as exc:  # torch or ESPnet missing: their own sections say why
+        return {"error": guard.one_line(exc)}
+    if state["env_error"]:
+        add(ERROR, "model_attention", f"{state['env_error']}: every ESPnet model build refuses it",
+            f"unset {optin.ENV_VAR} or set it to one of {', '.join(optin.CHOICES)}")
+    elif state["opted_in_by_env"]:
+        add(WARNING, "model_attention", f"{optin.ENV_VAR}={state['env']} puts the attention of every ESPnet model "
+            f"built here under the policy (requested {state['requested']}), whatever the YAML says",
+            f"unset {optin.ENV_VAR} for ESPnet's stock attention, or use {optin.OPTION} in the YAML")
+    return state
 
 
 def _recommended_decision(devices: List[dict]) -> dict:

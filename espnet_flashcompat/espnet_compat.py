@@ -6,6 +6,11 @@ task modules live. Import-light (no torch, no ESPnet): the startup hook reads it
 - S3PRL: espnet 202511 and older use the original ``s3prl``; espnet 202611 its fork ``espnet-s3prl`` (the torchaudio
   >= 2.9 breakage fixed). Both install the top-level package ``s3prl``. ESPnet's own metadata names the one it
   wants (202611's ``s2st`` extra requires ``espnet-s3prl``), so nothing here compares version numbers.
+- Transformer attention (``MultiHeadedAttention`` and the relative-position ones): ``espnet.nets.pytorch_backend``
+  up to 202511, ``espnet2.legacy.nets.pytorch_backend`` from 202611. 202611 also gave
+  ``RelPositionMultiHeadedAttention`` and ``LegacyRelPositionMultiHeadedAttention`` a ``use_sdpa`` path (an
+  ``__init__`` argument); 202511's have none (their ``use_sdpa`` attribute, inherited, is read by nothing).
+  Both are read off the classes, not a version number.
 """
 
 import importlib.metadata
@@ -15,6 +20,9 @@ from importlib.machinery import PathFinder
 from typing import List, Optional, Tuple
 
 TASK_PACKAGES = ("espnet2.tasks", "espnet3")  # every module below these may define frontend_choices
+ATTENTION_MODULES = ("espnet2.legacy.nets.pytorch_backend.transformer.attention",  # 202611
+                     "espnet.nets.pytorch_backend.transformer.attention")  # 202511 and older
+ATTENTION_CLASSES = ("MultiHeadedAttention", "RelPositionMultiHeadedAttention", "LegacyRelPositionMultiHeadedAttention")
 ORIGINAL_S3PRL, ESPNET_S3PRL = "s3prl", "espnet-s3prl"
 _S3PRL_DISTRIBUTIONS = (ESPNET_S3PRL, ORIGINAL_S3PRL)
 
@@ -69,3 +77,29 @@ def _mentions(path: str, text: bytes) -> bool:
             return text in f.read()
     except OSError:
         return False
+
+
+def attention_classes() -> List[type]:
+    """ESPnet's Transformer attention classes (``ATTENTION_CLASSES``) from every ``ATTENTION_MODULES`` this ESPnet has.
+
+    Imports those modules (torch and ESPnet): call it only where a model is being built.
+    """
+    import importlib
+
+    found = []
+    for name in ATTENTION_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):  # this ESPnet has no such module
+                continue
+            raise
+        found += [getattr(module, c) for c in ATTENTION_CLASSES if isinstance(getattr(module, c, None), type)]
+    return found
+
+
+def has_native_rel_sdpa(cls: type) -> bool:
+    """True where ESPnet's relative-position attention ``cls`` has its own ``use_sdpa`` path (202611 on)."""
+    import inspect
+
+    return "use_sdpa" in inspect.signature(cls.__init__).parameters

@@ -6,7 +6,8 @@ ESPnet3's ``espnet3.*``) that holds a ``ClassChoices`` offering ESPnet's ``S3prl
 ``sys.meta_path`` finder that updates the others right after they are imported (it wraps their loader), so no
 ESPnet module is imported here. ``startup()`` is what ``espnet_flashcompat.pth`` runs in every interpreter: it arms
 that finder unless ``ESPNET_FLASHCOMPAT_DISABLE=1``, never raises, and imports nothing heavy (no torch, ESPnet,
-S3PRL or transformers; not even ``logging`` unless there is a warning to give).
+S3PRL or transformers; not even ``logging`` unless there is a warning to give). A task module that defines a task
+class is also handed to ``optin.install`` (the opt-in model-wide attention policy), never raising.
 
 If our frontend cannot be imported, the key is registered all the same, as a stand-in whose construction raises
 the real ImportError: users who never ask for it see nothing; one who asks gets the cause, not ESPnet's bare
@@ -21,6 +22,7 @@ from espnet_flashcompat.espnet_compat import TASK_PACKAGES
 
 KEY, STOCK_KEY = "s3prl_flashcompat", "s3prl"
 FRONTEND = "espnet_flashcompat.frontend:S3prlFlashCompatFrontend"
+OPTIN = "espnet_flashcompat.optin"  # install(module): wraps the task classes for the opt-in model attention policy
 DISABLE_ENV = "ESPNET_FLASHCOMPAT_DISABLE"
 REPLACE_ENV = "ESPNET_FLASHCOMPAT_REPLACE_S3PRL"
 _WATCHED = tuple(package + "." for package in TASK_PACKAGES)
@@ -35,6 +37,7 @@ PTH_LINE = (
 
 _registered = {}  # module name -> names of its choices that offer KEY (e.g. ["diar_frontend", "frontend"])
 _failed = {}  # module name -> why registering it raised
+_optin_failed = {}  # module name -> why handing it to OPTIN raised
 _frontend = {}  # "class": the frontend class or its stand-in; "error": why the real one cannot be imported
 _startup = {"ran": False, "error": None}
 _DEBUG, _WARNING = 10, 30  # logging's levels, without importing logging
@@ -50,6 +53,7 @@ def register() -> list:
     for name, module in list(sys.modules.items()):
         if name.startswith(_WATCHED) and module is not None:
             _register_module(module)
+            _hand_over(module)
     _arm()
     return sorted(_registered)
 
@@ -99,6 +103,7 @@ def hook_state() -> dict:
         "registered": {module: list(names) for module, names in sorted(_registered.items())},
         "failed": dict(_failed),
         "frontend_error": _frontend.get("error"),  # why our frontend cannot be imported (the stand-in's cause)
+        "optin_failed": dict(_optin_failed),  # task modules whose classes could not be wrapped for the opt-in
     }
 
 
@@ -152,6 +157,21 @@ class _RegisteringLoader:
             _failed[module.__name__] = f"{type(exc).__name__}: {exc}"
             _log(_WARNING, "espnet-flashcompat: could not add frontend %r to %s: %s: %s",
                  KEY, module.__name__, type(exc).__name__, exc)
+        _hand_over(module)
+
+
+def _hand_over(module) -> None:
+    """Give a module that defines a task class (one with ``build_model``) to ``OPTIN``. Never raises."""
+    try:
+        if not any(isinstance(v, type) and "build_model" in vars(v) for v in list(vars(module).values())):
+            return
+        import importlib
+
+        importlib.import_module(OPTIN).install(module)
+    except Exception as exc:  # the opt-in is lost for this task; the import of ESPnet's module is not
+        _optin_failed[module.__name__] = f"{type(exc).__name__}: {exc}"
+        _log(_WARNING, "espnet-flashcompat: could not wrap the tasks of %s for model_attn_implementation: %s: %s",
+             module.__name__, type(exc).__name__, exc)
 
 
 def _register_module(module) -> None:

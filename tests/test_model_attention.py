@@ -1,0 +1,616 @@
+"""The opt-in model-wide attention policy (``model_attention``, ``optin``, ``relpos_sdpa``) on real ESPnet modules.
+
+In-process: the decisions and their reasons, how the request is read, the task option, the policy put on a model
+built by ESPnet's own ``ASRTask.build_model``, a flash path forced on the CPU so that ESPnet's own flash code fails
+for real (dropout must survive the fallback), and relative-position SDPA parity with the stock modules. In fresh
+interpreters (slow): a build without the opt-in against stock ESPnet (our hook disabled), stock
+``python -m espnet2.bin.asr_train`` / ``asr_inference`` runs with the opt-in from the YAML and from the
+environment (with a really broken flash-attn), and ESPnet3's model builder. GPU-marked: the real kernels.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+import yaml
+
+from espnet_flashcompat import attention, espnet_compat, guard, model_attention, optin
+from espnet_flashcompat.attention import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
+from faults import run
+from stacks import STACK, only_on
+
+CLASSES = {c.__name__: c for c in espnet_compat.attention_classes()}
+MHA = CLASSES["MultiHeadedAttention"]
+CPU, F32 = torch.device("cpu"), torch.float32
+TOKENS = ["<blank>", "<unk>", "a", "b", "c", "<sos/eos>"]
+# The kind of model most ESPnet ASR recipes train: default (fbank) frontend, E-Branchformer, Transformer decoder.
+MODEL = {
+    "frontend": "default", "frontend_conf": {"n_fft": 128, "hop_length": 64, "n_mels": 20},
+    "encoder": "e_branchformer",
+    "encoder_conf": {"output_size": 32, "attention_heads": 2, "attention_layer_type": "selfattn",
+                     "pos_enc_layer_type": "abs_pos", "cgmlp_linear_units": 64, "linear_units": 64, "num_blocks": 2,
+                     "input_layer": "conv2d", "attention_dropout_rate": 0.1},
+    "decoder": "transformer",
+    "decoder_conf": {"attention_heads": 2, "linear_units": 32, "num_blocks": 1},
+    "model_conf": {"ctc_weight": 0.3},
+}
+ESPNET_FALLBACK = "Flash Attention failed, falling back"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_request(monkeypatch):
+    for name in (optin.ENV_VAR, optin.STRICT_ENV, attention.ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ------------------------------------------------------------------------------------------- decisions
+
+
+def test_decisions_name_their_reasons():
+    flash_here = attention.flash_rejection(CPU, F32)
+    assert flash_here  # this machine has no GPU: whatever else, flash-attn cannot run on its CPU
+    auto = model_attention.decide("auto", model_attention.SELF, CPU, F32)
+    assert (auto.implementation, auto.rejected, auto.downgraded) == (SDPA, (Rejection(FLASH, flash_here),), False)
+    rel = model_attention.decide(FLASH, model_attention.REL)  # before the device is known
+    assert rel.implementation == SDPA and rel.downgraded
+    assert [r.backend for r in rel.rejected] == [FLASH] and "relative-position" in rel.rejected[0].reason
+    for request in ("sdpa", "eager"):
+        for kind in (model_attention.SELF, model_attention.REL):
+            decision = model_attention.decide(request, kind, CPU, F32)
+            assert (decision.implementation, decision.rejected) == (request, ())
+    with pytest.raises(AttentionUnavailableError, match="strict: rel_selfattn attention sdpa .*relative-position"):
+        model_attention.decide(FLASH, model_attention.REL, strict=True)
+    assert model_attention.decide("auto", model_attention.REL, strict=True).implementation == SDPA  # auto never refuses
+    assert "(requested auto by ESPNET_FLASHCOMPAT_MODEL_ATTN)" in model_attention.describe(
+        model_attention.decide("auto", model_attention.SELF, CPU, F32, source=optin.MODEL_ENV))
+
+
+def test_request_from_environment_and_config(monkeypatch):
+    ns = argparse.Namespace
+    assert optin.requested(ns()) is None and optin.requested(None) is None  # not asked: stock
+    assert optin.requested(ns(model_attn_implementation="SDPA")) == optin.Request("sdpa", "config", False)
+    assert optin.requested(ns(model_attn_implementation="flash_attention_2", model_attn_strict=True)).strict
+    assert optin.requested(ns(model_attn_implementation=yaml.safe_load("off"))) is None  # YAML's `off` is False
+    monkeypatch.setenv(attention.ENV_VAR, "eager")
+    assert optin.requested(ns()) is None  # the frontend's override alone does not opt the model in
+    assert optin.requested(ns(model_attn_implementation="sdpa")) == optin.Request("eager", "env", False)
+    monkeypatch.setenv(optin.ENV_VAR, "auto")
+    assert optin.requested(ns(model_attn_implementation="sdpa")) == optin.Request("auto", optin.MODEL_ENV, False)
+    monkeypatch.setenv(optin.STRICT_ENV, "1")
+    assert optin.requested(ns()).strict
+    monkeypatch.setenv(optin.ENV_VAR, "off")
+    assert optin.requested(ns(model_attn_implementation="sdpa")) is None
+    monkeypatch.setenv(optin.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="ESPNET_FLASHCOMPAT_MODEL_ATTN='fast' is not one of auto"):
+        optin.requested(ns())
+    monkeypatch.delenv(optin.ENV_VAR)
+    monkeypatch.delenv(attention.ENV_VAR)
+    with pytest.raises(ValueError, match="model_attn_implementation='fast'"):
+        optin.requested(ns(model_attn_implementation="fast"))
+
+
+def test_task_option_exists_only_when_given(tmp_path):
+    from espnet2.tasks.asr import ASRTask
+
+    parser = ASRTask.get_parser()
+    parsed = vars(parser.parse_args([]))
+    assert optin.OPTION not in parsed and optin.STRICT_OPTION not in parsed
+    assert optin.OPTION not in ASRTask.get_default_config()  # what --print_config prints
+    assert vars(parser.parse_args(["--model_attn_implementation", "sdpa", "--model_attn_strict", "true"])) == \
+        {**parsed, optin.OPTION: "sdpa", optin.STRICT_OPTION: True}
+    config = tmp_path / "c.yaml"
+    config.write_text("model_attn_implementation: eager\n")  # config_argparse refuses keys that are no option
+    assert parser.parse_args(["--config", str(config)]).model_attn_implementation == "eager"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model_attn_implementation", "fast"])
+    assert "espnet2.tasks.asr.ASRTask" in optin.wrapped_tasks()
+
+
+# ------------------------------------------------------------------------------- applying it to a model
+
+
+def _build(tmp_path, seed=0, **extra):
+    """A tiny ``MODEL`` built by ESPnet's own (wrapped) ``ASRTask.build_model`` from a parsed YAML."""
+    from espnet2.tasks.asr import ASRTask
+
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    config = tmp_path / f"model{seed}{len(extra)}.yaml"
+    config.write_text(yaml.safe_dump({**MODEL, **extra}))
+    args = ASRTask.get_parser().parse_args(["--config", str(config), "--token_list", str(tmp_path / "tokens.txt")])
+    torch.manual_seed(seed)
+    return ASRTask.build_model(args)
+
+
+def _speech(device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    return 0.1 * torch.randn(2, 8000, generator=g).to(device), torch.tensor([8000, 5600], device=device)
+
+
+def _attention_modules(model):
+    return [m for m in model.modules() if isinstance(m, MHA)]
+
+
+def test_policy_on_a_model_built_by_espnet(tmp_path, caplog):
+    stock = _build(tmp_path).eval()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        ours = _build(tmp_path, model_attn_implementation="sdpa").eval()
+    assert model_attention.policy_of(stock) is None
+    policy = model_attention.policy_of(ours)
+    assert policy.request == optin.Request("sdpa", "config") and policy.modules == {model_attention.SELF: 4}
+    assert "model attention policy (requested sdpa by model_attn_implementation) on 4 selfattn modules" in caplog.text
+    for a, b in zip(_attention_modules(stock), _attention_modules(ours)):
+        assert type(b).__bases__[1] is type(a)  # ESPnet's class, under ours
+        assert isinstance(b.dropout, torch.nn.Dropout) and b.dropout.p == b.dropout_rate
+    assert all(torch.equal(p, q) for p, q in zip(stock.state_dict().values(), ours.state_dict().values()))
+    with torch.no_grad():
+        reference, ref_lengths = stock.encode(*_speech())
+        out, lengths = ours.encode(*_speech())
+    assert all(m.use_sdpa and not m.use_flash_attn for m in _attention_modules(ours))
+    assert not any(m.use_sdpa for m in _attention_modules(stock))
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)  # SDPA vs eager: same sums, other order
+    assert torch.equal(lengths, ref_lengths)
+    assert list(policy.decisions) == [(model_attention.SELF, "cpu", "torch.float32")]
+
+
+def test_attention_plots_still_get_their_weights(tmp_path):
+    """ESPnet plots attention after each epoch (num_att_plot: 3) from module.attn, which SDPA never fills."""
+    from espnet2.main_funcs.calculate_all_attentions import calculate_all_attentions
+
+    model = _build(tmp_path, model_attn_implementation="sdpa").eval()
+    batch = _asr_batch("cpu")
+    weights = calculate_all_attentions(model, batch)
+    names = [n for n, m in model.named_modules() if isinstance(m, MHA)]
+    assert len(names) == 4 and all(len(weights[n]) == 2 for n in names)
+    assert weights[names[0]][0].shape[0] == 2  # heads x frames x frames, per utterance
+    with torch.no_grad():
+        model(**batch)
+    assert all(m.use_sdpa and m.attn is None for m in _attention_modules(model))  # back on the policy's backend
+
+
+class _ForcedFlash(model_attention.ModelAttentionPolicy):
+    """Decides flash everywhere, as the policy does on a GPU that passes its checks: on this CPU ESPnet's own flash
+    code then fails for real (flash-attn is not installed here: its functions are undefined in ESPnet's module)."""
+
+    def decide(self, kind, device=None, dtype=None):
+        decision = model_attention.decide(self.request.backend, kind, device, dtype, self.request.source)
+        return AttnDecision(decision.requested, FLASH, (), decision.source, decision.context)
+
+
+def _flash_built_stack():
+    """Three MultiHeadedAttention as ESPnet builds them where its flash check passes: use_flash_attn=True, which also
+    makes their dropout an nn.Identity."""
+    torch.manual_seed(0)
+    return torch.nn.ModuleList([MHA(4, 32, 0.5, False, True, False, False) for _ in range(3)]).train()
+
+
+def _run_stack(stack, x, mask):
+    for module in stack:
+        x = module(x, x, x, mask)
+    return x
+
+
+def _batch():
+    x = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 1, 7, dtype=torch.bool)
+    mask[1, :, 5:] = False  # padded: ESPnet's varlen flash path
+    return x, mask
+
+
+def test_flash_failing_at_run_time_keeps_dropout_and_reruns_on_sdpa(caplog):
+    stock, ours = _flash_built_stack(), _flash_built_stack()
+    assert isinstance(stock[0].dropout, torch.nn.Identity)
+    reference = copy.deepcopy(stock)  # ESPnet's own SDPA path with dropout, for the same weights
+    for module in reference:
+        module.use_flash_attn, module.use_sdpa = False, True
+    policy = model_attention.apply(ours, optin.Request(FLASH, "config"), _ForcedFlash(optin.Request(FLASH, "config")))
+    x, mask = _batch()
+    with caplog.at_level(logging.INFO):
+        torch.manual_seed(3)
+        first = _run_stack(ours, x, mask)
+    ours_warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(ours_warnings) == 1 and ours_warnings[0].name == "espnet_flashcompat.model_attention"
+    message = ours_warnings[0].getMessage()
+    assert "flash-attn failed at run time; re-running the call" in message
+    assert "rejected flash_attention_2: NameError: name '" in message  # the real exception, type and all
+    assert ESPNET_FALLBACK not in caplog.text  # ESPnet's per-module warning was taken, not passed on
+    assert policy.decisions[(model_attention.SELF, "cpu", "torch.float32")].implementation == SDPA
+    for module in ours:
+        assert (module.use_flash_attn, module.use_sdpa, module.attn) == (False, True, None)
+        assert isinstance(module.dropout, torch.nn.Dropout) and module.dropout.p == 0.5
+    torch.manual_seed(3)
+    torch.testing.assert_close(first, _run_stack(reference, x, mask))  # the re-run is ESPnet's SDPA, dropout on
+    torch.manual_seed(4)
+    assert not torch.equal(first, _run_stack(ours, x, mask))  # attention dropout is active
+    # stock ESPnet after the same failure: eager attention, its dropout an nn.Identity for good, a warning per module
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        torch.manual_seed(3)
+        stock_first = _run_stack(stock, x, mask)
+    assert caplog.text.count(ESPNET_FALLBACK) == 3
+    torch.manual_seed(4)
+    assert torch.equal(stock_first, _run_stack(stock, x, mask))  # no attention dropout left in training
+
+
+def test_strict_refuses_a_flash_failure_at_run_time():
+    stack = _flash_built_stack()
+    request = optin.Request(FLASH, "config", strict=True)
+    model_attention.apply(stack, request, _ForcedFlash(request))
+    with pytest.raises(AttentionUnavailableError, match="strict: flash_attention_2 failed at run time on cpu .*"
+                                                        "NameError"):
+        _run_stack(stack, *_batch())
+
+
+# --------------------------------------------------------------------------- relative-position attention
+
+
+@pytest.mark.parametrize("name,zero_triu", [("RelPositionMultiHeadedAttention", False),
+                                            ("RelPositionMultiHeadedAttention", True),
+                                            ("LegacyRelPositionMultiHeadedAttention", False)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_relative_position_sdpa_matches_stock(name, zero_triu, dtype, tolerance):
+    """Outputs and all gradients (inputs, positions, parameters) against the stock eager module, each difference
+    relative to the largest magnitude of its kind. The two compute the same sums in another order: measured 2e-7
+    (fp32) and 5e-16 (fp64); a wrong scale, positional term or mask is off by O(1). d_k = 24: sqrt(d_k) is not a
+    power of two, so the scaling is not exact either."""
+    torch.manual_seed(0)
+    stock = CLASSES[name](4, 96, 0.1, zero_triu).to(dtype).eval()
+    ours = copy.deepcopy(stock)
+    model_attention.apply(ours, optin.Request("sdpa", "config"))
+    assert ours._flashcompat_native_sdpa == (STACK == "current")  # ESPnet's own path on 202611, relpos_sdpa before
+    T = 40
+    x = torch.randn(3, T, 96, dtype=dtype)
+    pos = torch.randn(1, 2 * T - 1 if name.startswith("Rel") else T, 96, dtype=dtype)
+    mask = torch.ones(3, 1, T, dtype=torch.bool)
+    mask[1, :, 25:] = mask[2, :, 9:] = False
+    results = []
+    for module in (stock, ours):
+        xi, pi = x.clone().requires_grad_(), pos.clone().requires_grad_()
+        out = module(xi, xi, xi, pi, mask)
+        (out * torch.linspace(-1, 1, 96, dtype=dtype)).sum().backward()
+        results.append([out.detach(), xi.grad, pi.grad, *[p.grad for p in module.parameters()]])
+    assert ours.use_sdpa
+    grads_scale = max(g.abs().max() for g in results[0][3:])
+    for i, (a, b) in enumerate(zip(*results)):
+        scale = grads_scale if i >= 3 else b.abs().max()
+        assert (a - b).abs().max() <= tolerance * scale, (i, ((a - b).abs().max() / scale).item())
+
+
+# ----------------------------------------------------------------------------------------- doctor
+
+
+def test_doctor_reports_the_opt_in(monkeypatch):
+    from espnet_flashcompat import doctor
+
+    findings = []
+    add = lambda level, topic, message, fix="": findings.append((level, topic, message))  # noqa: E731
+    state = doctor._model_attention(add, [{"device": "cpu"}])
+    assert (state["opted_in_by_env"], state["requested"], findings) == (False, "auto", [])
+    assert state["decisions"][0]["selfattn"]["implementation"] == SDPA
+    assert state["decisions"][1]["rel_selfattn"]["rejected"][FLASH].startswith("ESPnet's relative-position")
+    monkeypatch.setenv(optin.ENV_VAR, "eager")
+    state = doctor._model_attention(add, [{"device": "cpu"}])
+    assert state["opted_in_by_env"] and state["decisions"][0]["selfattn"]["implementation"] == "eager"
+    assert findings[-1][:2] == (doctor.WARNING, "model_attention")
+    monkeypatch.setenv(optin.ENV_VAR, "fast")
+    assert doctor._model_attention(add, [{"device": "cpu"}])["env_error"]
+    assert findings[-1][:2] == (doctor.ERROR, "model_attention")
+
+
+# ------------------------------------------------------------------------------ fresh interpreters (slow)
+
+_PROBE = """
+import hashlib, json, sys, io, torch, yaml
+from espnet2.tasks.asr import ASRTask
+config, tokens = sys.argv[1:3]
+args = ASRTask.get_parser().parse_args(["--config", config, "--token_list", tokens])
+torch.manual_seed(0)
+model = ASRTask.build_model(args).train()
+g = torch.Generator().manual_seed(0)
+speech, lengths = 0.1 * torch.randn(2, 8000, generator=g), torch.tensor([8000, 5600])
+torch.manual_seed(1)
+out = model.encode(speech, lengths)[0]
+printed = io.StringIO()
+ASRTask.print_config(printed)
+flags = ("use_flash_attn", "use_sdpa", "dropout", "causal", "cross_attn")
+attn = lambda m: {k: repr(getattr(m, k, None)) for k in flags}
+print(json.dumps(dict(
+    wrapped=hasattr(vars(ASRTask)["build_model"].__func__, "_espnet_flashcompat_wrapped"),
+    modules=[(n, f"{type(m).__module__}.{type(m).__qualname__}") for n, m in model.named_modules()],
+    attention={n: attn(m) for n, m in model.named_modules() if hasattr(m, "use_flash_attn")},
+    output=out.detach().double().sum().item(), output_bytes=hashlib.sha256(out.detach().numpy().tobytes()).hexdigest(),
+    print_config=printed.getvalue())))
+"""
+
+
+@pytest.mark.slow
+def test_without_the_opt_in_a_build_is_stock(tmp_path):
+    """Same modules, same flags, same train-mode outputs, same --print_config as ESPnet with our hook disabled."""
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(MODEL))
+    argv = [tmp_path / "model.yaml", tmp_path / "tokens.txt"]
+    ours = run([sys.executable, "-c", _PROBE, *argv])
+    stock = run([sys.executable, "-c", _PROBE, *argv], env={"ESPNET_FLASHCOMPAT_DISABLE": "1"})
+    assert ours.returncode == 0 and stock.returncode == 0, ours.stderr[-3000:] + stock.stderr[-3000:]
+    ours, stock = (json.loads(p.stdout.strip().splitlines()[-1]) for p in (ours, stock))
+    assert ours.pop("wrapped") and not stock.pop("wrapped")  # the hook was on in one process only
+    assert len(ours["attention"]) == 4
+    assert ours == stock
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Six one-second utterances with char transcripts, Kaldi style, plus shape files and the token list."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    files = {"wav.scp": [], "text": [], "speech_shape": [], "text_shape": [], "tokens.txt": TOKENS}
+    for i in range(6):
+        key, words = f"utt{i}", "".join(rng.choice(list("abc"), size=3))
+        soundfile.write(root / f"{key}.wav", (0.1 * rng.standard_normal(16000)).astype("float32"), 16000)
+        files["wav.scp"].append(f"{key} {root / key}.wav")
+        files["text"].append(f"{key} {words}")
+        files["speech_shape"].append(f"{key} 16000")
+        files["text_shape"].append(f"{key} 3")
+    for name, lines in files.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _train(corpus, tmp_path, out, *extra_argv, config=None, pythonpath=(), env=None):
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump({**MODEL, "optim": "adam", "optim_conf": {"lr": 0.001}, "max_epoch": 1,
+                                    "batch_type": "folded", "batch_size": 2, "num_iters_per_epoch": 3,
+                                    "num_workers": 0, "keep_nbest_models": 1, **(config or {})}))
+    argv = [sys.executable, "-m", "espnet2.bin.asr_train", "--config", path, "--output_dir", tmp_path / out,
+            "--ngpu", "0", "--token_type", "char", "--token_list", corpus / "tokens.txt", "--normalize", "none",
+            "--use_preprocessor", "true", "--fold_length", "80000", "--fold_length", "150", *extra_argv]
+    for split in ("train", "valid"):
+        argv += [f"--{split}_data_path_and_name_and_type", f"{corpus}/wav.scp,speech,sound",
+                 f"--{split}_data_path_and_name_and_type", f"{corpus}/text,text,text",
+                 f"--{split}_shape_file", corpus / "speech_shape", f"--{split}_shape_file", corpus / "text_shape"]
+    return run(argv, pythonpath=pythonpath, env=env, timeout=900)
+
+
+def _decode(corpus, exp, out, env=None):
+    return run([sys.executable, "-m", "espnet2.bin.asr_inference", "--ngpu", "0",
+                "--asr_train_config", exp / "config.yaml", "--asr_model_file", exp / "1epoch.pth", "--beam_size", "2",
+                "--output_dir", out,
+                "--data_path_and_name_and_type", f"{corpus}/wav.scp,speech,sound"], env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_asr_train_without_the_opt_in_trains_exactly_as_stock(corpus, tmp_path):
+    ours = _train(corpus, tmp_path, "ours")
+    stock = _train(corpus, tmp_path, "stock", env={"ESPNET_FLASHCOMPAT_DISABLE": "1"})
+    assert ours.returncode == 0 and stock.returncode == 0, ours.stderr[-3000:] + stock.stderr[-3000:]
+    assert "model attention" not in ours.stderr
+    saved = {name: (tmp_path / name / "config.yaml").read_text().replace(str(tmp_path / name), "EXP")
+             .replace(f"{name}.yaml", "CONFIG.yaml") for name in ("ours", "stock")}
+    assert optin.OPTION not in saved["ours"] and saved["ours"] == saved["stock"]
+    weights = {name: torch.load(tmp_path / name / "1epoch.pth", map_location="cpu") for name in ("ours", "stock")}
+    assert list(weights["ours"]) == list(weights["stock"])
+    assert all(torch.equal(weights["ours"][k], weights["stock"][k]) for k in weights["stock"])
+
+
+@pytest.mark.slow
+def test_asr_train_and_inference_with_the_yaml_opt_in(corpus, tmp_path):
+    proc = _train(corpus, tmp_path, "exp", config={optin.OPTION: "auto"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model attention policy (requested auto by model_attn_implementation) on 4 selfattn modules" in proc.stderr
+    assert "model attention: selfattn attention sdpa on cpu float32 (requested auto by model_attn_implementation); " \
+           "rejected flash_attention_2: " in proc.stderr
+    assert ESPNET_FALLBACK not in proc.stderr
+    assert yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())[optin.OPTION] == "auto"
+    decoded = _decode(corpus, tmp_path / "exp", tmp_path / "dec")  # build_model_from_file reads the key back
+    assert decoded.returncode == 0, decoded.stderr[-3000:]
+    assert "model attention policy (requested auto by model_attn_implementation)" in decoded.stderr
+    # the saved config still loads without us: ESPnet reads it back as a Namespace, no parser involved
+    bare = _decode(corpus, tmp_path / "exp", tmp_path / "bare", env={"ESPNET_FLASHCOMPAT_DISABLE": "1"})
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    assert "model attention" not in bare.stderr
+    for out in ("dec", "bare"):
+        hyps = (tmp_path / out / "1best_recog" / "text").read_text().splitlines()
+        assert sorted(h.split()[0] for h in hyps) == [f"utt{i}" for i in range(6)]
+
+
+@pytest.mark.slow
+def test_asr_train_with_the_env_opt_in_and_a_broken_flash_attn(corpus, tmp_path, broken_flash_attn):
+    """flash_attention_2 asked from the environment, flash-attn installed without its kernels: one warning names the
+    cause for the whole model, training runs on SDPA; the saved config has no key of ours."""
+    proc = _train(corpus, tmp_path, "exp", pythonpath=[broken_flash_attn], env={optin.ENV_VAR: FLASH})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = [line for line in proc.stderr.splitlines() if "model attention:" in line and "WARNING" in line]
+    assert len(ours) == 1, ours
+    assert ("selfattn attention sdpa (requested flash_attention_2 by ESPNET_FLASHCOMPAT_MODEL_ATTN); rejected "
+            "flash_attention_2: ModuleNotFoundError: No module named 'flash_attn_2_cuda'") in ours[0]
+    assert ESPNET_FALLBACK not in proc.stderr
+    assert optin.OPTION not in (tmp_path / "exp" / "config.yaml").read_text()
+    assert (tmp_path / "exp" / "1epoch.pth").is_file()
+
+
+@pytest.mark.slow
+def test_strict_from_the_command_line_refuses_at_build_time(corpus, tmp_path):
+    proc = _train(corpus, tmp_path, "exp", "--model_attn_implementation", FLASH, "--model_attn_strict", "true")
+    assert proc.returncode != 0
+    assert "AttentionUnavailableError: strict: selfattn attention sdpa (requested flash_attention_2 by " \
+           "model_attn_implementation); rejected flash_attention_2: ModuleNotFoundError" in proc.stderr
+
+
+_ESPNET3 = """
+import json, sys, torch, yaml
+from espnet3.utils.task_utils import get_espnet_model, save_espnet_config
+from espnet_flashcompat import model_attention
+task, config, out = sys.argv[1:4]
+model_config = yaml.safe_load(open(config))
+model = get_espnet_model(task, model_config)  # what espnet3.systems.base.training builds the model with
+g = torch.Generator().manual_seed(0)
+model.encode(0.1 * torch.randn(2, 8000, generator=g), torch.tensor([8000, 5600]))
+save_espnet_config(task, {"model": model_config}, out)
+policy = model_attention.policy_of(model)
+print(json.dumps(dict(request=policy.request.backend, modules=policy.modules,
+                      decisions={" ".join(k): d.implementation for k, d in policy.decisions.items()},
+                      saved=yaml.safe_load(open(out + "/config.yaml")).get("model_attn_implementation"))))
+"""
+
+
+@pytest.mark.slow
+@only_on("current", "ESPnet3 ships with espnet 202611")
+def test_espnet3_model_config_opts_in(tmp_path):
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**MODEL, "token_list": TOKENS, optin.OPTION: "sdpa"}))
+    proc = run([sys.executable, "-c", _ESPNET3, "espnet3.systems.esp2_asr.task.ASRTask", tmp_path / "model.yaml",
+                tmp_path / "exp"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"request": "sdpa", "modules": {"selfattn": 4},
+                      "decisions": {"selfattn cpu torch.float32": "sdpa"}, "saved": "sdpa"}
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+
+_needs_ampere = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 8,
+                                   reason="needs a CUDA GPU of compute capability 8.0 or newer")
+
+
+def _asr_batch(device):
+    speech, lengths = _speech(device)
+    text = torch.tensor([[2, 3, 4, 2], [4, 3, 0, 0]], device=device)
+    return dict(speech=speech, speech_lengths=lengths, text=text, text_lengths=torch.tensor([4, 2], device=device))
+
+
+def _dropout_active(module, device):
+    x = torch.randn(2, 50, module.h * module.d_k, device=device)
+    mask = torch.ones(2, 1, 50, dtype=torch.bool, device=device)
+    torch.manual_seed(0)
+    a = module(x, x, x, mask)
+    torch.manual_seed(1)
+    return not torch.equal(a, module(x, x, x, mask))
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_runs_sdpa_with_dropout_and_no_per_module_warnings(tmp_path, caplog):
+    model = _build(tmp_path, model_attn_implementation="auto").cuda().train()
+    with caplog.at_level(logging.INFO):
+        loss = model(**_asr_batch("cuda"))[0]
+        loss.backward()
+    decision = model_attention.policy_of(model).decisions[(model_attention.SELF, "cuda:0", "torch.float32")]
+    assert decision.implementation == SDPA
+    if guard.probe_flash_attn() is None:
+        assert "dtype float32 (FlashAttention runs fp16/bf16 only" in decision.rejected[0].reason
+    assert ESPNET_FALLBACK not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("espnet_flashcompat")]
+    modules = _attention_modules(model)
+    assert all(m.use_sdpa and not m.use_flash_attn for m in modules)
+    assert _dropout_active(modules[0], "cuda")
+
+
+@pytest.fixture(scope="session")
+def healthy_flash_attn():
+    """PYTHONPATH entries that give a working flash-attn (as tests/test_gpu.py: ``$ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR``,
+    a ``pip install --target`` of a wheel built for this GPU, else the installed one)."""
+    import importlib.util
+    import os
+
+    where = os.environ.get("ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR")
+    if not where and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("no flash-attn: install one, or set ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR to a --target install")
+    return [where] if where else []
+
+
+_GPU_FLASH = """
+import json, sys, torch
+from espnet2.tasks.asr import ASRTask
+from espnet_flashcompat import model_attention
+config, tokens = sys.argv[1:3]
+def build(implementation):
+    argv = ["--config", config, "--token_list", tokens, "--model_attn_implementation", implementation]
+    torch.manual_seed(0)
+    return ASRTask.build_model(ASRTask.get_parser().parse_args(argv)).cuda()
+g = torch.Generator().manual_seed(0)
+speech, lengths = (0.1 * torch.randn(2, 8000, generator=g)).cuda(), torch.tensor([8000, 5600]).cuda()
+text, text_lengths = torch.tensor([[2, 3, 4, 2], [4, 3, 0, 0]]).cuda(), torch.tensor([4, 2]).cuda()
+model = build("auto").train()
+with torch.autocast("cuda", torch.bfloat16):
+    loss = model(speech, lengths, text, text_lengths)[0]
+loss.backward()
+flags = [m.use_flash_attn for m in model.modules() if isinstance(m, model_attention._PolicyAttention)]
+sdpa = build("sdpa").eval()
+model.eval()
+with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+    (a, frames), b = model.encode(speech, lengths), sdpa.encode(speech, lengths)[0]
+valid = (torch.arange(a.size(1), device="cuda")[None, :] < frames[:, None])[..., None]  # flash zeroes padded frames
+a, b = a.float() * valid, b.float() * valid
+decisions = {" ".join(k): d.implementation for k, d in model_attention.policy_of(model).decisions.items()}
+print("RESULT " + json.dumps(dict(decisions=decisions, flags=flags, loss=loss.item(),
+                                  diff=(a - b).abs().max().item(), scale=b.abs().max().item())))
+"""
+
+
+@pytest.mark.gpu
+@_needs_ampere
+def test_gpu_bf16_with_a_healthy_flash_attn_runs_flash(tmp_path, healthy_flash_attn):
+    """auto under bf16 AMP with a working flash-attn: ESPnet's own flash path (varlen on the ragged batch), no module
+    falls back, and the encoder agrees with SDPA within bf16 on the valid frames (unit roundoff 2**-8, a few u each:
+    3e-2; ESPnet's varlen path outputs zeros on padded frames, its SDPA path attends from them)."""
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(MODEL))
+    proc = run([sys.executable, "-c", _GPU_FLASH, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
+               pythonpath=healthy_flash_attn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ")[-1])
+    assert result["decisions"] == {"selfattn cuda:0 torch.bfloat16": FLASH}
+    assert result["flags"] == [True] * 4  # none fell back
+    assert "failed at run time" not in proc.stderr and ESPNET_FALLBACK not in proc.stderr
+    assert result["diff"] <= 3e-2 * result["scale"] and np.isfinite(result["loss"])
+
+
+@pytest.mark.gpu
+@_needs_ampere
+def test_gpu_relative_position_sdpa_under_autocast_matches_stock():
+    torch.manual_seed(0)
+    stock = CLASSES["RelPositionMultiHeadedAttention"](4, 256, 0.0).cuda().eval()
+    ours = copy.deepcopy(stock)
+    model_attention.apply(ours, optin.Request("auto", "config"))
+    x, pos = torch.randn(4, 300, 256, device="cuda"), torch.randn(1, 599, 256, device="cuda")
+    mask = torch.ones(4, 1, 300, dtype=torch.bool, device="cuda")
+    mask[1, :, 200:] = False
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        a, b = stock(x, x, x, pos, mask).float(), ours(x, x, x, pos, mask).float()
+    assert ours.use_sdpa and (a - b).abs().max() <= 3e-2 * a.abs().max()
+
+
+_GPU_BROKEN = """
+import json, sys, torch, yaml
+from espnet2.tasks.asr import ASRTask
+from espnet_flashcompat import model_attention
+config, tokens = sys.argv[1:3]
+args = ASRTask.get_parser().parse_args(["--config", config, "--token_list", tokens])
+model = ASRTask.build_model(args).cuda().train()
+g = torch.Generator().manual_seed(0)
+speech, lengths = (0.1 * torch.randn(2, 8000, generator=g)).cuda(), torch.tensor([8000, 5600]).cuda()
+text, text_lengths = torch.tensor([[2, 3, 4, 2], [4, 3, 0, 0]]).cuda(), torch.tensor([4, 2]).cuda()
+with torch.autocast("cuda", torch.bfloat16):
+    loss = model(speech, lengths, text, text_lengths)[0]
+loss.backward()
+policy = model_attention.policy_of(model)
+print(json.dumps({" ".join(k): d.implementation for k, d in policy.decisions.items()}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_broken_flash_attn_names_the_cause_once_and_runs_sdpa(tmp_path, broken_flash_attn):
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**MODEL, optin.OPTION: "auto"}))
+    proc = run([sys.executable, "-c", _GPU_BROKEN, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
+               pythonpath=[broken_flash_attn])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"selfattn cuda:0 torch.bfloat16": "sdpa"}
+    named = [line for line in proc.stderr.splitlines()
+             if "flash_attn_2_cuda" in line and not line.startswith("Failed to import Flash Attention")]
+    assert len(named) == 1 and "flash-attn is installed but broken" in named[0], named
+    assert ESPNET_FALLBACK not in proc.stderr
