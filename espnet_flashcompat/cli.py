@@ -1,9 +1,13 @@
-"""The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` (the only subcommand).
+"""The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` and ``to-stock``.
 
 ``doctor`` prints ``doctor_text.render()`` or, with ``--json``, the report as JSON, and exits with the report's
 exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor``). While the checks run,
 whatever the imported libraries print or log is held back (``--verbose`` lets it through, to stderr), so
 that stdout carries the report alone. A usage error exits 64 (EX_USAGE), so that 2 always means broken.
+
+``to-stock`` runs ``handoff.to_stock`` and prints ``handoff.render()``; it exits 0 when the output is written and
+verified, 1 when verification failed, 2 when SRC or OUT is refused (nothing is written then), with the reason on
+stderr.
 """
 
 import argparse
@@ -40,11 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
                              "in the recommended YAML (default: hf_wav2vec2_custom, not required)")
     doctor.add_argument("--verbose", action="store_true",
                         help="let library output and log messages through to stderr while checking")
+    to_stock = commands.add_parser(
+        "to-stock", help="copy a model trained with frontend: s3prl_flashcompat so that stock ESPnet loads it",
+        description="Write a copy of a model trained with frontend: s3prl_flashcompat that stock ESPnet loads without "
+                    "espnet-flashcompat (config.yaml: frontend: s3prl, attn_implementation and strict dropped; weights "
+                    "unchanged), after verifying it with stock ESPnet. Exit code: 0 written and verified, "
+                    "1 verification failed, 2 refused; nothing is written unless 0.")
+    to_stock.add_argument("src", metavar="SRC",
+                          help="an experiment's config.yaml (or its folder) with the model file beside it, "
+                               "or a zip made by `python -m espnet2.bin.pack`")
+    to_stock.add_argument("out", metavar="OUT",
+                          help="the folder to write (new or empty); for a zip SRC, the zip is written into it under "
+                               "the same name, or to OUT itself if OUT ends in .zip")
+    to_stock.add_argument("--model", metavar="FILE",
+                          help="the model file of a config.yaml SRC; a bare name is also looked up beside config.yaml "
+                               "(default: valid.acc.ave.pth beside config.yaml, the file asr.sh decodes with)")
+    to_stock.add_argument("--task", metavar="NAME",
+                          help="the ESPnet task that builds the model, espnet2.tasks.NAME (default: the one a zip's "
+                               "meta.yaml names, else asr)")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "to-stock":
+        return _to_stock(args)
     from espnet_flashcompat import doctor, doctor_text
 
     if args.verbose:
@@ -54,6 +78,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         report = _held_back(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
     print(json.dumps(report, indent=2) if args.json else doctor_text.render(report))
     return report["exit_code"]
+
+
+def _to_stock(args) -> int:
+    from espnet_flashcompat import handoff
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = handoff.to_stock(args.src, args.out, model=args.model, task=args.task)
+    except handoff.HandoffError as exc:
+        print(f"espnet-flashcompat to-stock: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(handoff.render(result))
+    return 0
 
 
 def _stdout_to_stderr(gather):
