@@ -19,7 +19,7 @@ from stacks import S3PRL_DIST, STACK, TORCHAUDIO_BREAKS_STOCK, only_on
 DOCTOR = [sys.executable, "-m", "espnet_flashcompat", "doctor"]
 STALE = "not properly installed"
 TOP_KEYS = {"schema_version", "status", "exit_code", "mode", "package", "python", "torch", "devices", "flash_attn",
-            "transformers", "s3prl", "espnet", "startup_hook", "attention", "recommended", "findings"}
+            "transformers", "s3prl", "espnet", "startup_hook", "attention", "recommended", "findings", "model_attention"}
 BACKENDS = {"flash_attention_2", "sdpa", "eager"}
 
 
