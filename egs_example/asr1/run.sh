@@ -48,9 +48,8 @@ runs() { [ "${stage}" -le "$1" ] && [ "${stop_stage}" -ge "$1" ]; }
 # fail LOG: show why a job failed, and stop.
 fail() {
     echo "FAILED, see $1:" >&2; tail -n 30 "$1" >&2
-    if grep -q "frontend s3prl_flashcompat" "$1"; then
-        echo "HINT: ESPnet does not know s3prl_flashcompat: install espnet-flashcompat into this Python" \
-             "(pip install -e <repo root>) and unset ESPNET_FLASHCOMPAT_DISABLE." >&2
+    if grep -q "frontend s3prl_flashcompat" "$1"; then  # ESPnet: "--frontend must be one of (...): --frontend s3prl_flashcompat"
+        ${python} local/hook_hint.py >&2 || true       # the true cause: package, ESPNET_FLASHCOMPAT_DISABLE, .pth, ...
     fi
     exit 1
 }
@@ -77,6 +76,18 @@ run_parallel() {
 }
 # split_keys SCP PREFIX: round-robin split of SCP into PREFIX.1.scp .. PREFIX.nj.scp
 split_keys() { awk -v n="${nj}" -v p="$2" '{ print > (p "." ((NR - 1) % n + 1) ".scp") }' "$1"; }
+
+# Training resumes (--resume true, as asr.sh), so a finished one is kept; but not one of the other stack's ESPnet
+# (the two venvs share this directory): say so before any stage runs.
+if runs 4 && [ -f "${asr_exp}/config.yaml" ]; then
+    trained=$(sed -n "s/^version: *'*\([^']*\)'*$/\1/p" "${asr_exp}/config.yaml")
+    running=$(${python} -c "import espnet; print(espnet.__version__)")
+    if [ -n "${trained}" ] && [ "${trained}" != "${running}" ]; then
+        echo "${asr_exp} was trained with espnet ${trained}, but $(command -v "${python}") has espnet ${running}:" \
+             "rm -rf $(pwd)/exp to train afresh with it (keep a copy to compare)." >&2
+        exit 1
+    fi
+fi
 
 if runs 1; then
     banner "1: data (synthetic tone language) and the tiny random wav2vec2 upstream"
@@ -144,7 +155,7 @@ if runs 6; then
         > "${decode_dir}/result.txt"
     sed '$d' "${decode_dir}/result.txt"
     # The frontend logs its attention decision at INFO (and a WARNING if it falls back): take the last one.
-    backend=$(grep -oE "s3prl_flashcompat: [^(]*" "${asr_exp}/train.log" | grep -oE "attention [a-z0-9_-]+.*" \
-        | tail -n 1 | sed -E 's/^attention //; s/ +$//' || true)
+    backend=$(grep -oE "s3prl_flashcompat: [^(]*" "${asr_exp}/train.log" | grep -oE "attention [a-z0-9_-]+" \
+        | tail -n 1 | sed -E 's/^attention //' || true)
     echo "RESULT: test $(tail -n 1 "${decode_dir}/result.txt"), wall=${SECONDS}s, attention backend=${backend:-unknown (not logged)}"
 fi
