@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from espnet_flashcompat import registry
+from stacks import TORCHAUDIO_BREAKS_STOCK
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +99,13 @@ def _freeze(python, cwd):
     return {d["name"].lower().replace("_", "-"): d["version"] for d in json.loads(out)}
 
 
+def _stock(python, tiny, cwd):
+    """(exit code, last line) of stock ESPnet building and running S3prlFrontend in ``python``."""
+    proc = run([python, "-c", STOCK_FRONTEND, tiny], env={"HF_HUB_OFFLINE": "1"}, cwd=cwd)
+    lines = (proc.stdout if proc.returncode == 0 else proc.stderr).strip().splitlines()
+    return proc.returncode, lines[-1] if lines else ""
+
+
 @pytest.mark.skipif(sys.prefix == sys.base_prefix, reason="needs the project venv (scripts/venv.sh)")
 def test_installing_into_an_espnet_environment_adds_this_package_alone(tmp_path, tiny_wav2vec2):
     """A hard-linked copy of the project venv (a full ESPnet stack with its S3PRL: espnet-s3prl on the current stack,
@@ -111,6 +119,7 @@ def test_installing_into_an_espnet_environment_adds_this_package_alone(tmp_path,
     before = _freeze(python, tmp_path)
     s3prl = {name: line for name, line in before.items() if name in ("s3prl", "espnet-s3prl")}
     assert len(s3prl) == 1, f"expected one S3PRL distribution in the project venv, found {s3prl}"
+    stock_before = _stock(python, tiny_wav2vec2, tmp_path)  # legacy: fails on torchaudio, as stock always does there
     src = source_copy(tmp_path / "src")
     for editable in (False, True):
         proc = check(run([python, "-m", "pip", "install", "--disable-pip-version-check", *(["-e"] if editable else []),
@@ -119,9 +128,9 @@ def test_installing_into_an_espnet_environment_adds_this_package_alone(tmp_path,
         added = {name for name in after if name not in before}
         changed = {name for name in before if after.get(name) != before[name]}
         assert added == {"espnet-flashcompat"} and changed == set(), (added, changed, proc.stdout[-3000:])
-        stock = json.loads(check(run([python, "-c", STOCK_FRONTEND, tiny_wav2vec2], env={"HF_HUB_OFFLINE": "1"},
-                                     cwd=tmp_path)).stdout.strip().splitlines()[-1])
-        assert stock == {"cls": "S3prlFrontend", "shape": [2, 50, 32]}  # stock `frontend: s3prl` still works
+        assert _stock(python, tiny_wav2vec2, tmp_path) == stock_before  # stock `frontend: s3prl` as it was
+        if not TORCHAUDIO_BREAKS_STOCK:  # current stack: it works, before and after
+            assert stock_before == (0, json.dumps({"cls": "S3prlFrontend", "shape": [2, 50, 32]}))
         check(run([python, "-m", "pip", "uninstall", "-y", "-q", "espnet-flashcompat"], cwd=tmp_path))
         assert _freeze(python, tmp_path) == before
 
