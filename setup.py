@@ -1,7 +1,9 @@
 """Build script: ships the startup hook ``espnet_flashcompat.pth`` into site-packages.
 
-Metadata lives in setup.cfg. This file adds the one-line ``.pth`` file (its name and line come from
-``espnet_flashcompat.registry``, which imports nothing heavy) in both install modes:
+Metadata lives in setup.cfg; pyproject.toml makes every pip build through PEP 517/660 (without it, old pips and
+venvs holding setuptools + wheel run ``setup.py install``/``develop``, which skip the hook). This file adds the
+one-line ``.pth`` file (its name and line come from ``espnet_flashcompat.registry``, which imports nothing heavy) in
+both install modes:
 
 - ``pip install .``: ``build_py`` writes it at the root of build_lib, so it sits at the root of the wheel
   and pip puts it in site-packages.

@@ -49,12 +49,18 @@ def source_copy(dest: Path) -> Path:
     return dest
 
 
+# Without pyproject.toml pip takes the legacy `setup.py install` / `setup.py develop` route, which never writes the
+# .pth, in two common venvs: a bare one whose bundled pip is older than 23.1 (Debian's Python 3.11: pip 23.0.1), and
+# any venv holding setuptools and wheel (ESPnet's do), where pip < 25.1 still runs `setup.py develop` for `-e`.
+@pytest.mark.parametrize("build_tools", ["bare", "setuptools+wheel"])
 @pytest.mark.parametrize("editable", [False, True], ids=["regular", "editable"])
-def test_pth_hook_in_a_fresh_venv_and_nothing_left_after_uninstall(tmp_path, editable):
+def test_pth_hook_in_a_fresh_venv_and_nothing_left_after_uninstall(tmp_path, editable, build_tools):
     src = source_copy(tmp_path / "src")
     venv = tmp_path / "venv"
     check(run([sys.executable, "-m", "venv", venv], cwd=tmp_path))
     python = venv / "bin" / "python"
+    if build_tools != "bare":
+        check(run([python, "-m", "pip", "install", "-q", "setuptools<74", "wheel"], cwd=tmp_path))
     site_packages = Path(check(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    cwd=tmp_path)).stdout.strip())
     baseline = sorted(os.listdir(site_packages))
