@@ -8,7 +8,9 @@ CTC on top, built with the stock arguments of the LibriSpeech-100 recipes (conv2
 launch-bound. Inputs: 30 s of 80-dim features (3000 frames), ``full`` (every utterance 30 s) or ``ragged`` (30 s
 down to 9 s, padded), random targets of 150 tokens out of 500. A step: zero_grad, forward, CTC loss, backward, Adam.
 
-Columns: ``stock`` is the module as ESPnet builds it (on a GPU whose name ESPnet's list knows, with flash-attn
+Columns: ``floor`` (memory only) is the same model with every attention module reduced to its output projection of
+the values, nothing attended: the peak that the rest of the step needs, below which no attention backend can go;
+``floor/stock`` is thus the lowest ratio an attention policy could reach in that row. ``stock`` is the module as ESPnet builds it (on a GPU whose name ESPnet's list knows, with flash-attn
 importable, ``use_flash_attn`` is on: in fp32 each module then fails once, logs, and runs eager without attention
 dropout; the count of those warnings is shown); ``policy`` is the same weights under
 ``model_attention.apply(..., auto)``. Each cell: the median step time over ``--repeat`` steps after ``--warmup``
@@ -129,10 +131,19 @@ def what_ran(model) -> str:
 VARIANTS = ("stock", "policy")
 
 
+def _no_attention(self, query, key, value, *rest, **kwargs):
+    """The ``floor`` variant's attention: the output projection of the values, nothing attended."""
+    return self.linear_out(value)
+
+
 def model_of(variant: str, encoder: str, size: dict, device):
     model = build(encoder, size, device)
     if variant == "policy":
         model_attention.apply(model, optin.Request("auto", "config"))
+    elif variant == "floor":  # what the step needs without attention: no attention policy can go below it
+        for module in model.modules():
+            if hasattr(module, "linear_q") and hasattr(module, "linear_out"):
+                module.forward = _no_attention.__get__(module)
     return model
 
 
@@ -142,7 +153,7 @@ def measure(encoder, size_name, size, ragged, bf16, args, device) -> list:
     data, cuda = batch(size, ragged, device), device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows, steps = {}, {}
-    for variant in VARIANTS:
+    for variant in VARIANTS + (("floor",) if cuda else ()):  # the floor: memory only
         model = model_of(variant, encoder, size, device)
         step = make_step(model, data, bf16, device)
         _Counter.count = 0
@@ -177,7 +188,8 @@ def measure(encoder, size_name, size, ragged, bf16, args, device) -> list:
     del steps
     if cuda:
         torch.cuda.empty_cache()
-    return [rows[variant] for variant in VARIANTS]
+    floor = rows.get("floor", {}).get("peak_mib")
+    return [dict(rows[variant], floor_mib=floor) for variant in VARIANTS]
 
 
 def table(args, device) -> list:
@@ -189,9 +201,11 @@ def table(args, device) -> list:
                 for bf16 in (False, True):
                     rows += measure(encoder, size_name, size, ragged, bf16, args, device)
                     stock, policy = rows[-2:]
+                    mib = (f" / {stock['peak_mib']:.0f} MiB; policy" if stock["peak_mib"] else ", policy")
                     print(f"  {encoder} {size_name} {stock['batch']} {stock['precision']}: stock {stock['ran']} "
-                          f"{stock['median_ms']:.1f} ms, policy {policy['ran']} {policy['median_ms']:.1f} ms",
-                          file=sys.stderr, flush=True)
+                          f"{stock['median_ms']:.1f} ms{mib} {policy['ran']} {policy['median_ms']:.1f} ms"
+                          + (f" / {policy['peak_mib']:.0f} MiB; floor {stock['floor_mib']:.0f} MiB"
+                             if stock["peak_mib"] else ""), file=sys.stderr, flush=True)
     flash = flash_state()  # after the first stock build: ESPnet imports flash-attn itself, before any probe of ours
     return [dict(row, flash_attn=flash) for row in rows]
 
@@ -224,11 +238,13 @@ def render(rows: list, curve: dict, device, args) -> str:
     lines = [f"# ESPnet attention: stock vs model_attention (auto), {device_name(device)}, torch {torch.__version__}",
              "", f"Median of {args.repeat} train steps after {args.warmup} warm-up; peak = max_memory_allocated.", "",
              "| encoder | size | batch | prec. | flash-attn | stock ran | stock ms | policy ran | policy ms | "
-             "time policy/stock | stock MiB | policy MiB | mem policy/stock | ESPnet warnings (stock) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "time policy/stock | stock MiB | policy MiB | mem policy/stock | floor MiB | floor/stock | "
+             "ESPnet warnings (stock) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for stock, policy in zip(rows[0::2], rows[1::2]):
-        mem = (f"{stock['peak_mib']:.0f} | {policy['peak_mib']:.0f} | {policy['peak_mib'] / stock['peak_mib']:.2f}"
-               if stock["peak_mib"] else "- | - | -")
+        mem = (f"{stock['peak_mib']:.0f} | {policy['peak_mib']:.0f} | {policy['peak_mib'] / stock['peak_mib']:.2f} | "
+               f"{stock['floor_mib']:.0f} | {stock['floor_mib'] / stock['peak_mib']:.2f}"
+               if stock["peak_mib"] else "- | - | - | - | -")
         lines.append(f"| {stock['encoder']} | {stock['size']} | {stock['batch']} | {stock['precision']} | "
                      f"{stock['flash_attn']} | {stock['ran']} | {stock['median_ms']:.1f} | {policy['ran']} | "
                      f"{policy['median_ms']:.1f} | {policy['median_ms'] / stock['median_ms']:.2f} | {mem} | "

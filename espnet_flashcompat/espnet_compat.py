@@ -96,10 +96,3 @@ def attention_classes() -> List[type]:
             raise
         found += [getattr(module, c) for c in ATTENTION_CLASSES if isinstance(getattr(module, c, None), type)]
     return found
-
-
-def has_native_rel_sdpa(cls: type) -> bool:
-    """True where ESPnet's relative-position attention ``cls`` has its own ``use_sdpa`` path (202611 on)."""
-    import inspect
-
-    return "use_sdpa" in inspect.signature(cls.__init__).parameters

@@ -11,8 +11,8 @@ or refused under ``strict``.
 
 Each module's class is swapped for a subclass of ours (``module.__class__``; parameters, buffers and hooks are
 untouched) whose ``forward`` looks the decision up, sets ESPnet's own flags (``use_flash_attn``, ``use_sdpa``) and
-calls ESPnet's own forward. Relative-position modules run ESPnet's ``use_sdpa`` path where it exists and
-``relpos_sdpa`` where not. Attention dropout becomes a real ``nn.Dropout(p=dropout_rate)`` (ESPnet builds
+calls ESPnet's own forward; relative-position modules on SDPA run ``relpos_sdpa`` (leaner than ESPnet 202611's
+own ``use_sdpa`` path, which 202511 lacks). Attention dropout becomes a real ``nn.Dropout(p=dropout_rate)`` (ESPnet builds
 ``nn.Identity`` when flash is on at build time, and keeps it after falling back). A flash failure at run time,
 which ESPnet catches, logs once per module and answers with eager attention without dropout, is caught here with
 its real exception (``_EspnetFallbackCatcher``): that (device, dtype) moves to SDPA for every module of the model,
@@ -159,7 +159,7 @@ class _PolicyAttention:
             self.attn = None  # the attention matrix of ESPnet's eager fallback, which is thrown away
             backend = policy.fall_back(kind, device, dtype, failure, exc).implementation
         _set_backend(self, backend)
-        if kind == REL and backend == SDPA and not self._flashcompat_native_sdpa:
+        if kind == REL and backend == SDPA:
             return relpos_sdpa.forward(self, query, *args, **kwargs)
         return super().forward(query, *args, **kwargs)
 
@@ -250,7 +250,6 @@ def apply(model: torch.nn.Module, request: Request,
         if not isinstance(module, _PolicyAttention):
             cls = type(module)
             module._flashcompat_kind = REL if hasattr(cls, "rel_shift") else SELF
-            module._flashcompat_native_sdpa = module._flashcompat_kind == SELF or espnet_compat.has_native_rel_sdpa(cls)
             module.__class__ = _policy_class(cls)
         module._flashcompat_policy = policy
         if not isinstance(module.dropout, torch.nn.Dropout) or module.dropout.p != module.dropout_rate:

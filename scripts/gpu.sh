@@ -4,6 +4,7 @@
 # torchaudio 2.11.0 and transformers 5.17.0 preinstalled, no espnet, no s3prl. Logs and tables go to OUT_DIR.
 #
 #   bash scripts/gpu.sh OUT_DIR [all|tests|bench] [ARGS]   # default: all; ARGS go to attention_matrix.py
+#   bash scripts/gpu.sh OUT_DIR espnet [ARGS]               # benchmarks/espnet_attention.py (ESPnet's own attention)
 #
 # The ESPnet stack: ESPNET_FLASHCOMPAT_STACK=current (default: espnet 202611 + espnet-s3prl, from .whl/site) or
 # legacy (espnet 202511 + s3prl 0.4.18, from .whl/site-legacy). The machine's own torch, torchaudio and
@@ -32,7 +33,7 @@
 # then the same with "bench --models wav2vec2" and "bench --models hubert". Each call carries 64 MiB at most: with
 # both stacks fetched, carry only the folders in use, e.g. carry=[".whl/site", ".whl/faults", ".fa"].
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench] [attention_matrix.py args]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet] [benchmark args]}
 what=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,6 +112,11 @@ if [ "$what" = all ] || [ "$what" = tests ]; then
     "$PY" -m pytest -m gpu tests/ -v -rA --timeout 400 -p no:cacheprovider ${EFC_GPU_TESTS:-} 2>&1 | tee "$out/pytest.log"
     status=${PIPESTATUS[0]}
     stamp "GPU tests: exit $status"
+fi
+if [ "$what" = espnet ]; then
+    stamp "ESPnet attention benchmark -> $out/espnet_attention.{md,json}, $out/espnet.log"
+    PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/espnet_attention.py --out "$out" "$@" 2>&1 | tee "$out/espnet.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then
     stamp "attention matrix -> $out/attention_matrix.{md,json}, $out/bench.log"

@@ -20,7 +20,7 @@ import soundfile
 import torch
 import yaml
 
-from espnet_flashcompat import attention, espnet_compat, guard, model_attention, optin
+from espnet_flashcompat import attention, espnet_compat, guard, model_attention, optin, relpos_sdpa
 from espnet_flashcompat.attention import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
 from faults import run
 from stacks import STACK, only_on
@@ -262,7 +262,6 @@ def test_relative_position_sdpa_matches_stock(name, zero_triu, dtype, tolerance)
     stock = CLASSES[name](4, 96, 0.1, zero_triu).to(dtype).eval()
     ours = copy.deepcopy(stock)
     model_attention.apply(ours, optin.Request("sdpa", "config"))
-    assert ours._flashcompat_native_sdpa == (STACK == "current")  # ESPnet's own path on 202611, relpos_sdpa before
     T = 40
     x = torch.randn(3, T, 96, dtype=dtype)
     pos = torch.randn(1, 2 * T - 1 if name.startswith("Rel") else T, 96, dtype=dtype)
@@ -279,6 +278,79 @@ def test_relative_position_sdpa_matches_stock(name, zero_triu, dtype, tolerance)
     for i, (a, b) in enumerate(zip(*results)):
         scale = grads_scale if i >= 3 else b.abs().max()
         assert (a - b).abs().max() <= tolerance * scale, (i, ((a - b).abs().max() / scale).item())
+
+
+def _reference_kernel_forward(q, k, v, bias, compute_log_sumexp, dropout_p, is_causal=False, *, scale=None):
+    """The memory-efficient kernel's forward contract in plain torch (CPU has no such kernel)."""
+    assert bias.stride(-2) % relpos_sdpa._ALIGN == 0 and dropout_p == 0 and not is_causal
+    scores = q @ k.transpose(-2, -1) * (scale or q.size(-1) ** -0.5) + bias
+    lse = scores.logsumexp(-1)
+    return (scores - lse[..., None]).exp() @ v, lse, torch.empty(0), torch.empty(0)
+
+
+def _reference_kernel_backward(grad_out, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
+                               is_causal=False, *, scale=None):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
+    with torch.enable_grad():
+        recomputed = _reference_kernel_forward(*leaves, True, dropout_p, is_causal, scale=scale)[0]
+    assert torch.equal(recomputed, out)
+    return torch.autograd.grad(recomputed, leaves, grad_out)
+
+
+def _saved_shapes(module, *args):
+    """Shapes of every tensor autograd keeps from ``module(*args)`` for the backward."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = module(*args)
+    return out, shapes
+
+
+def test_the_lean_path_serves_the_rel_shift_that_is_a_view():
+    """``_LeanBias`` builds the bias as a strided view: only where the module's own rel_shift is exactly that."""
+    latest, legacy = CLASSES["RelPositionMultiHeadedAttention"], CLASSES["LegacyRelPositionMultiHeadedAttention"]
+    assert relpos_sdpa._shift_is_view(latest(4, 96, 0.0))
+    assert not relpos_sdpa._shift_is_view(latest(4, 96, 0.0, zero_triu=True))
+    assert not relpos_sdpa._shift_is_view(legacy(4, 96, 0.0))
+
+
+def test_relative_position_bias_is_rebuilt_in_the_backward_not_kept(monkeypatch):
+    """``relpos_sdpa._LeanBias`` (the CUDA path) on CPU, with the memory-efficient kernel's two ops replaced by their
+    contract in plain torch: the same outputs and gradients as the stock module (fp64), and, unlike the plain SDPA
+    path, no (batch, head, time, time) tensor kept for the backward. tests/test_model_attention.py's GPU tests run
+    the real kernels."""
+    torch.manual_seed(0)
+    dtype, T = torch.float64, 40
+    stock = CLASSES["RelPositionMultiHeadedAttention"](4, 96, 0.0).to(dtype).train()
+    ours = copy.deepcopy(stock)
+    model_attention.apply(ours, optin.Request("sdpa", "config"))
+    x = torch.randn(3, T, 96, dtype=dtype)
+    pos = torch.randn(1, 2 * T - 1, 96, dtype=dtype)
+    mask = torch.ones(3, 1, T, dtype=torch.bool)
+    mask[1, :, 25:] = False
+
+    def run(module):
+        xi, pi = x.clone().requires_grad_(), pos.clone().requires_grad_()
+        out, shapes = _saved_shapes(module, xi, xi, xi, pi, mask)
+        (out * torch.linspace(-1, 1, 96, dtype=dtype)).sum().backward()
+        return [out.detach(), xi.grad, pi.grad, *[p.grad for p in module.parameters()]], shapes
+
+    plain, plain_shapes = run(copy.deepcopy(ours))
+    assert (3, 4, T, T) in plain_shapes  # SDPA keeps the bias it was given
+    monkeypatch.setattr(relpos_sdpa, "_lean_possible", lambda module, *tensors: relpos_sdpa._shift_is_view(module))
+    monkeypatch.setattr(relpos_sdpa._LeanBias, "forward_op", _reference_kernel_forward)
+    monkeypatch.setattr(relpos_sdpa._LeanBias, "backward_op", _reference_kernel_backward)
+    lean, lean_shapes = run(ours)
+    assert not [s for s in lean_shapes if s[-2:] == (T, T)], lean_shapes
+    reference, _ = run(stock)
+    grads_scale = max(g.abs().max() for g in reference[3:])
+    for i, (a, b) in enumerate(zip(reference, lean)):
+        scale = grads_scale if i >= 3 else a.abs().max()
+        assert (a - b).abs().max() <= 1e-12 * scale, (i, ((a - b).abs().max() / scale).item())
 
 
 # ----------------------------------------------------------------------------------------- doctor
@@ -581,6 +653,50 @@ def test_gpu_relative_position_sdpa_under_autocast_matches_stock():
     with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
         a, b = stock(x, x, x, pos, mask).float(), ours(x, x, x, pos, mask).float()
     assert ours.use_sdpa and (a - b).abs().max() <= 3e-2 * a.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_relative_position_lean_bias_matches_and_keeps_no_time_by_time_tensor(dtype):
+    """The real memory-efficient kernel ops under ``relpos_sdpa._LeanBias``: against the plain SDPA path (which
+    runs the same kernel, as SDPA picks it for this float bias) with attention dropout 0.1 and one seed, so the
+    backward's dropout replay is checked too; and against the stock module without dropout. fp32 or bf16 AMP."""
+    T = 300
+    torch.manual_seed(0)
+    stock = CLASSES["RelPositionMultiHeadedAttention"](4, 256, 0.1).cuda().train()
+    x, pos = torch.randn(4, T, 256, device="cuda"), torch.randn(1, 2 * T - 1, 256, device="cuda")
+    mask = torch.ones(4, 1, T, dtype=torch.bool, device="cuda")
+    mask[1, :, 200:] = False
+
+    def run(module, lean=True):
+        module.zero_grad(set_to_none=True)
+        xi, pi = x.clone().requires_grad_(), pos.clone().requires_grad_()
+        possible = relpos_sdpa._lean_possible
+        relpos_sdpa._lean_possible = possible if lean else (lambda *args: False)
+        try:
+            torch.manual_seed(1)
+            with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out, shapes = _saved_shapes(module, xi, xi, xi, pi, mask)
+            (out.float() * torch.linspace(-1, 1, 256, device="cuda")).sum().backward()
+        finally:
+            relpos_sdpa._lean_possible = possible
+        return [out.detach().float(), xi.grad, pi.grad, *[p.grad for p in module.parameters()]], shapes
+
+    def close(a_run, b_run, tolerance):
+        grads_scale = max(g.abs().max() for g in a_run[3:])
+        for i, (a, b) in enumerate(zip(a_run, b_run)):
+            scale = grads_scale if i >= 3 else a.abs().max()
+            assert (a - b).abs().max() <= tolerance * scale, (i, ((a - b).abs().max() / scale).item())
+
+    ours = copy.deepcopy(stock)
+    model_attention.apply(ours, optin.Request("sdpa", "config"))
+    lean, lean_shapes = run(ours)
+    plain, plain_shapes = run(ours, lean=False)
+    assert (4, 4, T, T) in plain_shapes and not [s for s in lean_shapes if s[-2:] == (T, T)], lean_shapes
+    close(plain, lean, 1e-5 if dtype == torch.float32 else 2e-2)  # same kernel, same dropout mask
+    stock.dropout_rate = ours.dropout_rate = 0.0
+    stock.dropout.p = ours.dropout.p = 0.0
+    close(run(stock)[0], run(ours)[0], 1e-4 if dtype == torch.float32 else 5e-2)
 
 
 _GPU_BROKEN = """
