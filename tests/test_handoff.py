@@ -21,7 +21,7 @@ import soundfile
 import torch
 import yaml
 
-from espnet_flashcompat import handoff, registry
+from espnet_flashcompat import handoff, handoff_verify, registry
 from faults import run
 from stacks import TORCHAUDIO_BREAKS_STOCK, only_on
 
@@ -96,9 +96,9 @@ def test_extra_keys_are_what_our_frontend_adds():
 def test_compare_reports_what_differs():
     ref = {"encoder output": torch.ones(2, 3), "frontend features": torch.zeros(2, 4)}
     problems = []
-    rows = handoff._compare(ref, {k: v.clone() for k, v in ref.items()}, problems)
+    rows = handoff_verify._compare(ref, {k: v.clone() for k, v in ref.items()}, problems)
     assert rows == [("encoder output", "bit-identical"), ("frontend features", "bit-identical")] and not problems
-    rows = handoff._compare(ref, {"encoder output": ref["encoder output"] + 1e-7, "frontend features": ref[
+    rows = handoff_verify._compare(ref, {"encoder output": ref["encoder output"] + 1e-7, "frontend features": ref[
         "frontend features"] + 0.5}, problems)
     assert rows[0][0] == "encoder output" and "within float32 rounding" in rows[0][1]
     assert problems == ["frontend features differs: max abs diff 0.5 (tolerance rtol 0.0001, atol 1e-05)"]
