@@ -124,13 +124,9 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
 
 def _rejection(backend: str, model, device, dtype) -> Optional[str]:
     """Why ``backend`` cannot run this model here, or None if it can (unknown device/dtype pass)."""
-    if backend == EAGER:
-        return None
-    if backend == SDPA:
-        return None if getattr(model, "_supports_sdpa", False) else f"{type(model).__name__} does not support sdpa"
-    if not (getattr(model, "_supports_flash_attn", False) or getattr(model, "_supports_flash_attn_2", False)):
-        return f"{type(model).__name__} does not support flash_attention_2"
-    return flash_rejection(device, dtype)
+    if not transformers_compat.supports(model, backend):
+        return f"{type(model).__name__} does not support {backend}"
+    return flash_rejection(device, dtype) if backend == FLASH else None
 
 
 def flash_rejection(device, dtype) -> Optional[str]:

@@ -3,7 +3,8 @@
 import textwrap
 from typing import Callable, List
 
-from espnet_flashcompat.doctor import _BACKENDS, PROBE_DTYPE, _at
+from espnet_flashcompat.doctor import _at
+from espnet_flashcompat.doctor_attention import _BACKENDS, PROBE_DTYPE
 
 
 def render(report: dict) -> str:

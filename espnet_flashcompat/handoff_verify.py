@@ -1,4 +1,5 @@
-"""The proof step of ``espnet-flashcompat to-stock`` (``handoff``): stock ESPnet loads the output as the plugin loads SRC.
+"""The proof step of ``espnet-flashcompat to-stock`` (``handoff``): stock ESPnet loads the output as the plugin
+loads SRC.
 
 ``verify()`` builds, strictly loads and runs both sides on CPU, at once, each in a fresh interpreter (``probe``):
 SRC with our frontend registered, the output with ``ESPNET_FLASHCOMPAT_DISABLE=1``, which must get ESPnet's

@@ -1,4 +1,8 @@
-"""The one place where transformers versions differ: switching a loaded model's attention backend in place.
+"""The one place where transformers versions differ: which backends a model class supports, and switching a loaded
+model's attention backend in place.
+
+``supports(model, implementation)`` reads the class flags: ``_supports_sdpa``, and ``_supports_flash_attn``
+(``_supports_flash_attn_2`` in older releases).
 
 Where transformers has ``PreTrainedModel.set_attn_implementation`` (4.54 and later) the switch is delegated to it.
 Older releases fix the backend when the model is built. There the switch changes only what the backend needs: each
@@ -22,6 +26,15 @@ _FLAGS = {"_use_flash_attention_2": "flash_attention_2", "_use_sdpa": "sdpa"}  #
 
 class InPlaceSwitchError(RuntimeError):
     """The attention of a model cannot be switched without rebuilding it (which would orphan its parameters)."""
+
+
+def supports(model: torch.nn.Module, implementation: str) -> bool:
+    """Whether the transformers ``model``'s class declares support for ``implementation`` (eager always)."""
+    if implementation == "sdpa":
+        return bool(getattr(model, "_supports_sdpa", False))
+    if implementation == "flash_attention_2":
+        return bool(getattr(model, "_supports_flash_attn", False) or getattr(model, "_supports_flash_attn_2", False))
+    return True
 
 
 def set_attn_implementation(model: torch.nn.Module, implementation: str) -> None:

@@ -357,20 +357,20 @@ def test_relative_position_bias_is_rebuilt_in_the_backward_not_kept(monkeypatch)
 
 
 def test_doctor_reports_the_opt_in(monkeypatch):
-    from espnet_flashcompat import doctor
+    from espnet_flashcompat import doctor, doctor_attention
 
     findings = []
     add = lambda level, topic, message, fix="": findings.append((level, topic, message))  # noqa: E731
-    state = doctor._model_attention(add, [{"device": "cpu"}])
+    state = doctor_attention.model_attention(add, [{"device": "cpu"}])
     assert (state["opted_in_by_env"], state["requested"], findings) == (False, "auto", [])
     assert state["decisions"][0]["selfattn"]["implementation"] == SDPA
     assert state["decisions"][1]["rel_selfattn"]["rejected"][FLASH].startswith("ESPnet's relative-position")
     monkeypatch.setenv(optin.ENV_VAR, "eager")
-    state = doctor._model_attention(add, [{"device": "cpu"}])
+    state = doctor_attention.model_attention(add, [{"device": "cpu"}])
     assert state["opted_in_by_env"] and state["decisions"][0]["selfattn"]["implementation"] == "eager"
     assert findings[-1][:2] == (doctor.WARNING, "model_attention")
     monkeypatch.setenv(optin.ENV_VAR, "fast")
-    assert doctor._model_attention(add, [{"device": "cpu"}])["env_error"]
+    assert doctor_attention.model_attention(add, [{"device": "cpu"}])["env_error"]
     assert findings[-1][:2] == (doctor.ERROR, "model_attention")
 
 
