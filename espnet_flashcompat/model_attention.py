@@ -12,8 +12,8 @@ or refused under ``strict``.
 Each module's class is swapped for a subclass of ours (``module.__class__``; parameters, buffers and hooks are
 untouched) whose ``forward`` looks the decision up, sets ESPnet's own flags (``use_flash_attn``, ``use_sdpa``) and
 calls ESPnet's own forward; relative-position modules on SDPA run ``relpos_sdpa`` (leaner than ESPnet 202611's
-own ``use_sdpa`` path, which 202511 lacks). Attention dropout becomes a real ``nn.Dropout(p=dropout_rate)`` (ESPnet builds
-``nn.Identity`` when flash is on at build time, and keeps it after falling back). A flash failure at run time,
+own ``use_sdpa`` path, which 202511 lacks). Attention dropout becomes a real ``nn.Dropout(p=dropout_rate)`` (ESPnet
+builds ``nn.Identity`` when flash is on at build time, and keeps it after falling back). A flash failure at run time,
 which ESPnet catches, logs once per module and answers with eager attention without dropout, is caught here with
 its real exception (``_EspnetFallbackCatcher``): that (device, dtype) moves to SDPA for every module of the model,
 one warning names the exception, and the call is re-run on SDPA. One log line per decision. While ESPnet's
