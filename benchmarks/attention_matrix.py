@@ -1,24 +1,30 @@
-"""Attention backend matrix: eager / sdpa / flash_attention_2 / auto on base-sized HF speech encoders (issue 5).
+"""Attention backend matrix: eager / sdpa and each of its kernels / flash_attention_2 / auto on base-sized HF speech
+encoders (issues 5 and 13).
 
 For a wav2vec2 and a HuBERT encoder of base size (hidden 768, 12 layers, 12 heads, random weights, bf16 weights
 and inputs, batch 8), at 10 s and 30 s, full and ragged batches, inference and a train step: the median time
 (CUDA events around each iteration, after warm-up; rounds that shuffle the order of the backends, and more
 rounds while a column drifts) and the peak memory (``max_memory_allocated``: weights, inputs, activations and
-gradients), with each backend's ratio to the best of its row.
+gradients), with each backend's ratio to the best of its row. ``sdpa`` is torch's own pick among its kernels;
+``sdpa:cudnn``, ``sdpa:flash``, ``sdpa:efficient`` are each kernel alone (``sdpa_kernels.pinned``, strict: a
+kernel that refuses the batch says why in its cell).
 
-``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row: the policy
-(``attention.decide``) names the healthy contenders, and the calibration the frontend runs on the first batch of
-each shape bucket (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) chooses among them; the
-pick is then timed like the others. *picked / best* compares the picked backend's own column with the row's best:
-by median, by mean (what training pays), and the 95% bootstrap interval of the mean ratio over whole rounds.
+``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row, as the frontend does
+it: the policy (``attention.decide``) names the contenders (flash_attention_2 and SDPA's kernels), calibration
+(``calibrate.measure`` on that row's batch, then ``calibrate.pick``) picks on the first batch of the bucket, the
+pick runs ``calibrate.RECHECK_AFTER`` - 2 more steps, and calibration picks again on the next: that second pick is
+timed like the others. *picked / best* compares the picked backend's own column with the row's best: by median,
+by mean (what training pays), and the 95% bootstrap interval of the mean ratio over whole rounds. *calibration*:
+the wall seconds of both calibrations and their share of a 1,000-step run of that row on the pick.
 
 Ragged batches' lengths run from 100% down to 30% of the longest and pass an attention mask, as S3PRL does; full
 batches pass none. The train step is forward plus backward of a scalar loss in train mode (the models' dropouts;
 layerdrop and SpecAugment masking off, so that every step does the same work). Needs CUDA and, for the
 flash_attention_2 column, a working flash-attn imported before transformers.
 
-    python benchmarks/attention_matrix.py --out DIR                    # both models: ~9.5 min on an H100
-    python benchmarks/attention_matrix.py --out DIR --models hubert    # one: ~4.7 min
+    python benchmarks/attention_matrix.py --out DIR --models wav2vec2 --seconds 10   # one model, one length
+    python benchmarks/attention_matrix.py --out DIR                    # everything (with three backend columns
+                                                                       # it took ~9.5 min on an H100; now more)
     python benchmarks/attention_matrix.py --models wav2vec2 --rounds 4 --max-rounds 4   # a quick look
 
 Writes DIR/attention_matrix.md (tables) and DIR/attention_matrix.json (every timing), and prints the tables.
@@ -32,6 +38,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -39,7 +46,8 @@ import torch
 
 logger = logging.getLogger("attention_matrix")
 
-BACKENDS = ("eager", "sdpa", "flash_attention_2")
+# sdpa: torch's own pick among its kernels; sdpa:<kernel>: that kernel alone (sdpa_kernels.pinned, strict)
+BACKENDS = ("eager", "sdpa", "sdpa:cudnn", "sdpa:flash", "sdpa:efficient", "flash_attention_2")
 SAMPLE_RATE = 16000
 BATCH = 8
 
@@ -67,16 +75,21 @@ def make_batch(seconds: float, ragged: bool, dtype: torch.dtype, seed: int = 0):
     return (x * mask).to(dtype), mask.long()
 
 
-def step_fn(model, x, mask, train: bool):
+def step_fn(model, x, mask, train: bool, backend: str = "", strict: bool = True):
+    """One inference or train step on ``backend``'s SDPA kernel where it names one (strict: that kernel alone)."""
+    from espnet_flashcompat import sdpa_kernels
+
     if train:
         def step():
             model.zero_grad(set_to_none=True)
-            out = model(x, attention_mask=mask).last_hidden_state
+            with sdpa_kernels.pinned(backend, strict):
+                out = model(x, attention_mask=mask).last_hidden_state
             out.float().square().mean().backward()
     else:
         @torch.no_grad()
         def step():
-            model(x, attention_mask=mask)
+            with sdpa_kernels.pinned(backend, strict):
+                model(x, attention_mask=mask)
     return step
 
 
@@ -105,23 +118,35 @@ def auto_choice(model, dtype):
 
 
 def calibrated_choice(model, decision, x, mask, train: bool):
-    """What the frontend's calibration picks on this batch: (decision, {backend: timing or error})."""
-    from espnet_flashcompat import calibrate
+    """What the frontend's calibration picks on this batch, as the frontend runs it:
+    (decision, {backend: timing or error}, seconds the calibration took)."""
+    from espnet_flashcompat import calibrate, sdpa_kernels
 
     if not decision.contenders:
-        return decision, {}
+        return decision, {}, 0.0
+    current = [decision.implementation]
+
+    def switch(backend):
+        current[0] = backend
+        set_backend(model, backend)
+
+    def forward():
+        with sdpa_kernels.pinned(current[0], strict=True):
+            return model(x, attention_mask=mask).last_hidden_state
+
+    start = time.perf_counter()
     with torch.set_grad_enabled(train):
-        timings = calibrate.measure(lambda: model(x, attention_mask=mask).last_hidden_state, decision.contenders,
-                                    lambda backend: set_backend(model, backend), model, x.device)
+        timings = calibrate.measure(forward, decision.contenders, switch, model, x.device)
+    cost = time.perf_counter() - start
     picked = calibrate.pick(timings, decision, "benchmark row") or decision
-    return picked, {b: str(t) for b, t in timings.items()}
+    return picked, {b: str(t) for b, t in timings.items()}, cost
 
 
 def set_backend(model, backend: str) -> None:
-    from espnet_flashcompat import attention
+    from espnet_flashcompat import attention, sdpa_kernels
 
     attention.apply(types.SimpleNamespace(model=model), backend)
-    assert model.config._attn_implementation == backend, model.config._attn_implementation
+    assert model.config._attn_implementation == sdpa_kernels.backend_of(backend), model.config._attn_implementation
 
 
 STABLE = 0.03  # a column is stable when the medians of 4 consecutive stretches of it agree within 3%
@@ -142,9 +167,20 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
     for seconds, ragged, train in cases:
         model.train(train)
         x, mask = make_batch(seconds, ragged, dtype)
-        picked, calibration = calibrated_choice(model, decision, x, mask, train)
-        logger.info("%s %gs%s %s: calibration %s -> %s", kind, seconds, " ragged" if ragged else "",
-                    "train" if train else "inference", calibration, picked.implementation)
+        # As the frontend: calibrate on the first batch of the bucket, train on the pick until the bucket's
+        # RECHECK_AFTER-th batch, calibrate again there, and keep that pick (the auto column)
+        from espnet_flashcompat import calibrate
+
+        first, first_calibration, first_cost = calibrated_choice(model, decision, x, mask, train)
+        if decision.contenders:
+            set_backend(model, first.implementation)
+            warm = step_fn(model, x, mask, train, first.implementation, strict=False)
+            for _ in range(calibrate.RECHECK_AFTER - 2):
+                warm()
+        picked, calibration, recheck_cost = calibrated_choice(model, decision, x, mask, train)
+        logger.info("%s %gs%s %s: first batch %s -> %s; batch %d %s -> %s", kind, seconds,
+                    " ragged" if ragged else "", "train" if train else "inference", first_calibration,
+                    first.implementation, calibrate.RECHECK_AFTER, calibration, picked.implementation)
         cells = {b: {"times": [], "peak": 0} for b in (*backends, "auto")}
         r = 0  # ``rounds`` rounds, then more (up to ``max_rounds``) while a column is not stable
         while r < rounds or (r < max_rounds and any(spread(c["times"]) > STABLE for c in cells.values() if c["times"])):
@@ -154,8 +190,10 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
                 try:
-                    set_backend(model, picked.implementation if name == "auto" else name)
-                    cells[name]["times"] += measure(step_fn(model, x, mask, train), warmup + 2 * (r == 1), iters)
+                    backend = picked.implementation if name == "auto" else name
+                    set_backend(model, backend)
+                    step = step_fn(model, x, mask, train, backend, strict=name != "auto")
+                    cells[name]["times"] += measure(step, warmup + 2 * (r == 1), iters)
                 except Exception as exc:  # a backend that cannot run this row says why in its cell
                     cells[name]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
                     logger.warning("%s %s: %s", kind, name, cells[name]["error"])
@@ -175,8 +213,13 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
             if "median_ms" in cell and best:
                 cell["ratio"] = cell["median_ms"] / best
                 cell["mean_ratio"] = cell["mean_ms"] / best_mean
+        step_ms = cells["auto"].get("mean_ms")
         row = {"seconds": seconds, "ragged": ragged, "train": train, "auto": picked.implementation,
+               "first_pick": first.implementation, "first_calibration": first_calibration,
                "calibration": calibration, "rounds": r, "cells": cells,
+               "calibration_s": [first_cost, recheck_cost],  # both calibrations, wall seconds
+               "calibration_share_1000": ((first_cost + recheck_cost) / (first_cost + recheck_cost + step_ms * 1e-3 * 1000)
+                                          if step_ms else None),
                "pick_interval": pick_interval(cells, picked.implementation, backends, iters)}
         rows.append(row)
         logger.info("%s %s: %s", kind, case_name(row), "  ".join(
@@ -209,8 +252,9 @@ def case_name(row) -> str:
 
 def table(result, backends) -> str:
     names = (*backends, "auto")
-    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked | pick / best: median, mean [95% interval] | rounds, worst spread |",
-             "|---" * (len(names) + 4) + "|"]
+    lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked (first batch -> batch 50) | "
+             "pick / best: median, mean [95% interval] | calibration: s, share of 1000 steps | rounds, worst spread |",
+             "|---" * (len(names) + 5) + "|"]
     for row in result["rows"]:
         cells = []
         for name in names:
@@ -222,10 +266,12 @@ def table(result, backends) -> str:
             cells.append(f"{c['median_ms']:.1f} ms, {c['ratio']:.2f}x, {c['peak_gib']:.2f} GiB{best}")
         worst = max(c.get("round_spread", 0.0) for c in row["cells"].values())
         picked = row["cells"].get(row["auto"], {})  # the picked backend's own column
-        lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {row['auto']} | "
+        first = "" if row["first_pick"] == row["auto"] else f"{row['first_pick']} -> "
+        share = row.get("calibration_share_1000")
+        lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {first}{row['auto']} | "
                      f"{picked.get('ratio', float('nan')):.3f}x, {picked.get('mean_ratio', float('nan')):.3f}x "
-                     f"[{interval(row)}] | "
-                     f"{row['rounds']}, {worst:.0%} |")
+                     f"[{interval(row)}] | {sum(row['calibration_s']):.1f}, "
+                     f"{'-' if share is None else f'{share:.2%}'} | {row['rounds']}, {worst:.0%} |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from espnet_flashcompat import guard, transformers_compat
+from espnet_flashcompat import guard, sdpa_kernels, transformers_compat
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +92,9 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
 
     ``auto`` takes the first candidate of flash_attention_2, sdpa, eager that passes its checks; an explicit
     request is honoured when it passes them and otherwise downgraded (or, with ``strict``, refused). On a known
-    CUDA device, ``auto`` with both flash_attention_2 and sdpa healthy names them as contenders for calibration;
-    eager never contends next to sdpa (it keeps every attention matrix: ~2.5x the memory of a 30 s train step).
+    CUDA device, ``auto`` names the healthy backends as contenders for calibration, sdpa as each of its kernels
+    that may run there (``sdpa:cudnn``, ``sdpa:flash``, ``sdpa:efficient``: ``sdpa_kernels``); eager never
+    contends next to sdpa (it keeps every attention matrix: ~2.5x the memory of a 30 s train step).
     """
     context = f"{device} {str(dtype).replace('torch.', '')}" if device is not None else ""
     model = hf_model(upstream)
@@ -114,6 +115,9 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
             elif not healthy:
                 rejected.append(Rejection(backend, reason))
         contenders = tuple(b for b in healthy if b != EAGER)
+        kernels = sdpa_kernels.candidates(device, effective_dtype(device, dtype)) if SDPA in contenders else ()
+        if len(kernels) > 1:  # SDPA's kernels contend one by one (sdpa_kernels), torch's own pick among them
+            contenders = tuple(k for b in contenders for k in (kernels if b == SDPA else (b,)))
         calibrate = requested == AUTO and device is not None and device.type == "cuda" and len(contenders) > 1
         decision = AttnDecision(requested, healthy[0], tuple(rejected), source, context,
                                 contenders if calibrate else ())
@@ -162,6 +166,7 @@ def apply(upstream, implementation: str) -> None:
     """Switch the HF model inside ``upstream`` to ``implementation`` in place (a no-op for native upstreams): the
     model keeps its parameters, so optimizers, adapters, hooks and frozen layers are untouched by the switch."""
     model = hf_model(upstream)
+    implementation = sdpa_kernels.backend_of(implementation)  # sdpa:<kernel>: sdpa, its kernel pinned per forward
     if model is None or model.config._attn_implementation == implementation:
         return
     transformers_compat.set_attn_implementation(model, implementation)

@@ -26,6 +26,9 @@ TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner b
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
 STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: else it may not stay within 2%
+# Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
+# settled), and two backends within a few percent of each other there may swap places a minute later (issue 13).
+RECHECK_AFTER = 50
 
 
 @dataclass(frozen=True)

@@ -3,18 +3,20 @@
 A thin subclass: S3PRL is imported through ``guard`` (so the stock ``from s3prl.nn import ...`` inside
 ESPnet's constructor succeeds), inputs are checked up front, the attention backend is chosen by
 ``attention.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``calibrate``
-times the healthy backends once per batch-shape bucket and keeps the fastest), and a flash-attn kernel error
+times the healthy backends, SDPA's kernels one by one, on the first batch of each batch-shape bucket and again
+on its ``calibrate.RECHECK_AFTER``-th, once the run is warm, and keeps the fastest), and a flash-attn kernel error
 at run time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
 """
 
 import inspect
 import logging
+import time
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat import attention, calibrate, ranks
+from espnet_flashcompat import attention, calibrate, ranks, sdpa_kernels, transformers_compat
 from espnet_flashcompat.guard import import_s3prl, one_line, recovered_faults
 from espnet_flashcompat.hub import ResilientHub, close_names
 
@@ -51,6 +53,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         self.import_faults = recovered_faults()
         self._static: Dict[Tuple[str, str], attention.AttnDecision] = {}  # (device, dtype) -> policy decision
         self._measured: Dict[Tuple, attention.AttnDecision] = {}  # (device, dtype, shape bucket) -> calibrated
+        self._seen: Dict[Tuple, int] = {}  # ... -> batches seen in that bucket
         self._warned = set()  # rejection tuples already warned about: one warning per decision
         self.attn_decision = self._policy(None, None)
         if self.attn_decision.implementation != attention.FLASH:  # flash waits for the device: on CPU fp32 it warns
@@ -61,12 +64,17 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         _check_batch(input, input_lengths)
         self._attend_on(input, input_lengths)
         try:
-            return super().forward(input, input_lengths)
+            return self._run(self.attn_decision.implementation, input, input_lengths)
         except Exception as exc:
             if self.attn_decision.implementation != attention.FLASH or not attention.is_flash_kernel_error(exc):
                 raise
             self._fall_back(exc)
-        return super().forward(input, input_lengths)
+        return self._run(self.attn_decision.implementation, input, input_lengths)
+
+    def _run(self, implementation: str, input: torch.Tensor, input_lengths: torch.Tensor, strict: bool = False):
+        """ESPnet's forward, on ``implementation``'s SDPA kernel where it names one (``sdpa:cudnn``...)."""
+        with sdpa_kernels.pinned(implementation, strict):
+            return S3prlFrontend.forward(self, input, input_lengths)
 
     def _policy(self, device, dtype) -> attention.AttnDecision:
         decision = attention.decide(self.attn_request, self.upstream, device, dtype, self.attn_source, self.strict)
@@ -93,25 +101,38 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         if decision.contenders or together:
             shape = calibrate.bucket(input, input_lengths)
             bucket = key + (shape[0] if together else shape,)  # DDP: one calibration for train, one for eval
-            if bucket not in self._measured:
+            seen = self._seen[bucket] = self._seen.get(bucket, 0) + 1
+            if seen == 1:
                 self._measured[bucket] = self._calibrate(decision, shape, input, input_lengths, together)
+            elif seen == calibrate.RECHECK_AFTER and (shape[0] or not together):  # DDP: train steps are in lockstep
+                self._measured[bucket] = self._calibrate(decision, shape, input, input_lengths, together, seen)
             decision = self._measured[bucket]
         attention.apply(self.upstream, decision.implementation)
         self.attn_decision = decision
 
-    def _calibrate(self, decision, shape, input, input_lengths, together=False) -> attention.AttnDecision:
+    def _calibrate(self, decision, shape, input, input_lengths, together=False, seen=1) -> attention.AttnDecision:
         """Time the contenders on this batch (under DDP: every rank, even one with a single healthy backend, so
-        that each exchanges its timings and reasons with the others) and pick one."""
-        timings = calibrate.measure(lambda: S3prlFrontend.forward(self, input, input_lengths),
-                                    decision.contenders or (decision.implementation,),
-                                    lambda backend: attention.apply(self.upstream, backend), self, input.device)
-        where = calibrate.describe(shape)
+        that each exchanges its timings and reasons with the others) and pick one. ``seen``: which batch of its
+        bucket this is; the first, then ``calibrate.RECHECK_AFTER`` (the same contenders, once the run is warm)."""
+        current = [decision.implementation]
+
+        def switch(backend):
+            current[0] = backend
+            attention.apply(self.upstream, backend)
+
+        start = time.perf_counter()
+        timings = calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True),
+                                    decision.contenders or (decision.implementation,), switch, self, input.device)
+        cost = time.perf_counter() - start
+        where = calibrate.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
         if together:
             timings.update({r.backend: r.reason for r in decision.rejected})
             timings = ranks.merge(ranks.gather(timings))
-            where += f", first batch, decided across {ranks.world_size()} ranks"
+            where += f", decided across {ranks.world_size()} ranks"
         measured = calibrate.pick(timings, decision, where) or decision
-        logger.info("s3prl_flashcompat: %s", measured.summary())
+        chosen = timings.get(measured.implementation)
+        batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, calibrate.Timing) else ""
+        logger.info("s3prl_flashcompat: %s (calibration took %.2f s%s)", measured.summary(), cost, batches)
         return measured
 
     def _fall_back(self, exc: Exception) -> None:
@@ -120,7 +141,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             raise attention.AttentionUnavailableError(
                 f"strict: flash_attention_2 failed on {failed.context}: {type(exc).__name__}: {exc}") from exc
         model = attention.hf_model(self.upstream)
-        backend = attention.SDPA if getattr(model, "_supports_sdpa", False) else attention.EAGER
+        backend = attention.SDPA if transformers_compat.supports(model, attention.SDPA) else attention.EAGER
         rejection = attention.Rejection(attention.FLASH, one_line(exc))
         decision = attention.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
                                           failed.source, failed.context)
@@ -130,6 +151,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         # This device and dtype now run on the fallback, whatever the batch shape: no more calibration.
         self._static[self._key] = decision
         self._measured = {k: v for k, v in self._measured.items() if k[:2] != self._key}
+        self._seen = {k: v for k, v in self._seen.items() if k[:2] != self._key}
         self.attn_decision = decision
 
 

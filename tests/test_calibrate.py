@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from espnet_flashcompat import attention, calibrate
+from espnet_flashcompat import attention, calibrate, sdpa_kernels
 from espnet_flashcompat.calibrate import Timing
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 
@@ -196,3 +196,68 @@ def test_one_calibration_per_bucket_and_explicit_choices_stay(hf_conf, cpu_conte
     explicit = S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="eager").train()
     explicit(x, lengths)
     assert explicit.attn_decision.implementation == "eager" and not explicit.attn_decision.measured
+
+
+# ------------------------------------------------------------------------------ SDPA's kernels, the second look
+
+
+def test_sdpa_contends_as_its_kernels_on_cuda(monkeypatch, hf_conf):
+    """On CUDA ``auto`` names SDPA's kernels one by one instead of ``sdpa`` where more than one may run (the policy
+    alone, without a GPU: ``sdpa_kernels.candidates`` stands in for the device's answer)."""
+    frontend = S3prlFlashCompatFrontend(frontend_conf=hf_conf)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:cudnn", "sdpa:efficient"))
+    decision = attention.decide("auto", frontend.upstream, cuda, torch.bfloat16)
+    assert decision.contenders == ("sdpa:cudnn", "sdpa:efficient") and decision.implementation == "sdpa"
+    assert "flash_attention_2" in {r.backend for r in decision.rejected}  # no working flash-attn on this machine
+    monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:efficient",))
+    decision = attention.decide("auto", frontend.upstream, cuda, torch.float32)
+    assert decision.contenders == () and decision.implementation == "sdpa"  # one kernel: nothing to time
+    assert attention.decide("sdpa", frontend.upstream, cuda, torch.bfloat16).contenders == ()  # explicit: stays
+
+
+def test_pinned_kernels_calibrate_and_the_refused_one_says_why(hf_conf, monkeypatch, caplog):
+    """CPU has SDPA's flash and math kernels, not the memory-efficient one: calibration among the three pins each
+    (strict), leaves efficient out with torch's error, and the frontend then runs the pick on that kernel: its output
+    and gradients equal an ``sdpa`` run pinned to the same kernel."""
+    decide = attention.decide
+
+    def kernels(requested, upstream, device=None, dtype=None, source="config", strict=False):
+        decision = decide(requested, upstream, device, dtype, source, strict)
+        if requested == attention.AUTO and device is not None:
+            decision = attention.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
+                                              decision.context, ("sdpa:efficient", "sdpa:flash", "sdpa:math"))
+        return decision
+
+    monkeypatch.setattr(attention, "decide", kernels)
+    x, lengths = _batch()
+    auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True).train()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        feats, grads = _step(auto, x, lengths)
+    chosen = auto.attn_decision
+    assert chosen.measured and chosen.implementation in ("sdpa:flash", "sdpa:math"), chosen.summary()
+    refused = {r.backend: r.reason for r in chosen.rejected}["sdpa:efficient"]
+    assert refused.startswith("failed during calibration: ") and "backend" in refused, refused
+    assert auto.upstream.upstream.model.config._attn_implementation == "sdpa"
+    forced = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True, attn_implementation="sdpa")
+    with sdpa_kernels.pinned(chosen.implementation, strict=True):  # strict: the chosen kernel and no other
+        forced_feats, forced_grads = _step(forced.train(), x, lengths)
+    assert torch.equal(feats, forced_feats) and grads.keys() == forced_grads.keys()
+    assert all(torch.equal(grads[n], forced_grads[n]) for n in grads)
+    logged = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert len(logged) == 1 and "calibration took" in logged[0] and "batches' worth" in logged[0], logged
+
+
+def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders, monkeypatch, caplog):
+    """The first batch of a bucket is a cold run's: calibration looks again at batch ``RECHECK_AFTER`` of that
+    bucket (here 4), once, and the frontend keeps that pick."""
+    monkeypatch.setattr(calibrate, "RECHECK_AFTER", 4)
+    x, lengths = _batch()
+    auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        for _ in range(9):
+            auto(x, lengths)
+    logged = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
+    assert len(logged) == 2, logged
+    assert "first batch" in logged[0] and "batch 4" in logged[1], logged
+    assert auto.attn_decision.context.endswith("batch 4") and auto.attn_decision.measured

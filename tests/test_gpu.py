@@ -185,7 +185,7 @@ done(healthy=healthy, auto_bf16=auto_bf16.implementation, auto_bf16_summary=auto
 ''', upstream, healthy_flash_attn)
     assert result["healthy"], "guard.probe_flash_attn() calls the healthy flash-attn broken"
     # auto: a backend that runs here; never flash-attn for fp32 (its kernels refuse it), never eager on an H100.
-    assert result["auto_bf16"] in ("flash_attention_2", "sdpa"), result["auto_bf16_summary"]
+    assert result["auto_bf16"].partition(":")[0] in ("flash_attention_2", "sdpa"), result["auto_bf16_summary"]
     assert result["auto_fp32"] == "sdpa" and "float32" in result["auto_fp32_summary"], result["auto_fp32_summary"]
     # forced flash_attention_2 runs flash-attn's own kernels (flash::, not PyTorch's pytorch_flash:: copy)
     assert result["forced"] == result["model_attn"] == "flash_attention_2", result["forced_summary"]
@@ -224,8 +224,11 @@ for _ in range(2):
     step(auto, x, n)  # the same bucket: no new calibration
 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     auto(x, n)  # eval: a bucket of its own
-forced = frontend(first.implementation).train()
-forced_feats, forced_rng = step(forced, x, n)
+from espnet_flashcompat import sdpa_kernels
+
+forced = frontend(sdpa_kernels.backend_of(first.implementation)).train()
+with sdpa_kernels.pinned(first.implementation):  # sdpa:<kernel>: attn_implementation sdpa on that kernel
+    forced_feats, forced_rng = step(forced, x, n)
 other = "sdpa" if first.implementation == "flash_attention_2" else "flash_attention_2"
 explicit = frontend(other).train()
 step(explicit, x, n)
@@ -235,13 +238,16 @@ done(first=first.implementation, measured=first.measured, summary=first.summary(
      explicit=explicit.attn_decision.implementation, explicit_measured=explicit.attn_decision.measured,
      calibrations=[m for m in INFOS if "measured" in m], warnings=WARNINGS)
 ''', dropout_upstream, healthy_flash_attn)
-    assert result["contenders"] == ["flash_attention_2", "sdpa"], result
+    # flash-attn and SDPA's kernels one by one (cuDNN, flash, memory-efficient where torch has them enabled)
+    kernels = result["contenders"][1:]
+    assert result["contenders"][0] == "flash_attention_2" and len(kernels) >= 2, result
+    assert set(kernels) <= {"sdpa:cudnn", "sdpa:flash", "sdpa:efficient"}, result
     assert result["measured"] and " ms / " in result["summary"], result["summary"]
     assert result["same_rng"], "calibration spent random numbers"
     assert result["same_output"], f"calibrated output differs from the chosen backend's by {result['diff']}"
     assert result["explicit"] != result["first"] and not result["explicit_measured"]
     assert len(result["calibrations"]) == 2, result["calibrations"]  # one train bucket, one eval bucket
-    assert all("flash_attention_2 " in m and "sdpa " in m for m in result["calibrations"]), result["calibrations"]
+    assert all("flash_attention_2 " in m and "sdpa:" in m for m in result["calibrations"]), result["calibrations"]
 
 
 @pytest.mark.gpu
@@ -299,7 +305,7 @@ done(installed_without_kernels=installed, decision=fe.attn_decision.implementati
      summary=fe.attn_decision.summary(), losses=losses, strict=strict, warnings=WARNINGS)
 ''', upstream, [broken_flash_attn])
     assert result["installed_without_kernels"]
-    assert result["decision"] == "sdpa", result["summary"]
+    assert result["decision"].partition(":")[0] == "sdpa", result["summary"]  # sdpa, or one of its kernels
     assert all(map(math.isfinite, result["losses"])) and result["losses"][-1] < result["losses"][0], result["losses"]
     assert any(NO_CUDA_MODULE in w for w in result["warnings"]), result["warnings"]
     assert result["strict"] is not None and result["strict"].startswith("AttentionUnavailableError: "), result["strict"]
@@ -335,7 +341,7 @@ done(transformers=transformers.__version__, torchaudio=torchaudio.__version__,
 ''', upstream, pythonpath)
     assert result["transformers"].startswith("4.46."), result["transformers"]
     assert any(NO_CUDA_MODULE in error for error in result["recovered"]), result["recovered"]
-    assert result["decision"] == "sdpa", result["summary"]
+    assert result["decision"].partition(":")[0] == "sdpa", result["summary"]  # sdpa, or one of its kernels
     assert result["device"] == "cuda:0" and result["finite"] and result["shape"][0] == 4
 
 
@@ -518,6 +524,6 @@ def test_doctor_on_the_gpu(healthy_flash_attn):
     print(json.dumps({"gpu": gpu, "attention": report["attention"], "yaml": report["recommended"]["yaml"]}, indent=1))
     assert report["flash_attn"]["importable"] and gpu["capability"] == "9.0"
     assert gpu["backends"]["flash_attention_2"]["ok"] and gpu["backends"]["sdpa"]["ok"]
-    assert gpu["auto_contenders"] == ["flash_attention_2", "sdpa"]
+    assert gpu["auto_contenders"][0] == "flash_attention_2" and gpu["auto_contenders"][1].startswith("sdpa:")
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "auto"
-    assert "auto times flash_attention_2/sdpa" in report["recommended"]["yaml"]
+    assert "auto times flash_attention_2/sdpa:" in report["recommended"]["yaml"]

@@ -1,0 +1,81 @@
+"""SDPA's own kernels as contenders of ``auto``: their names, which may run where, and the context that pins one.
+
+``scaled_dot_product_attention`` is several kernels (cuDNN, flash, memory-efficient, math), and which one runs
+depends on the torch version, the mask, the dtype and the GPU: on Hopper with cuDNN > 9.15 torch tries cuDNN first,
+which transformers PR #48163 measured 1.7-2.3x faster than SDPA's flash kernel for Hopper training shapes and slower
+on an A100. Under ``auto`` on CUDA, ``attention.decide`` names each kernel that may run there as ``sdpa:<kernel>``
+(``candidates()``), and ``calibrate`` times them like any backend.
+
+``pinned(name)`` runs a forward on that kernel: at run time first in torch's priority order, the others after it
+(a later batch that it refuses still runs); with ``strict`` (calibration) alone, so that a kernel that refuses the
+batch fails there, with torch's own reason, instead of timing another kernel under its name. The backward runs the
+backward of the kernel its forward ran. The math kernel never contends: it is eager attention inside SDPA.
+"""
+
+import contextlib
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+SDPA = "sdpa"
+KERNELS = ("cudnn", "flash", "efficient")  # torch's own priority order on Hopper; math comes last
+
+
+def name(kernel: str) -> str:
+    return f"{SDPA}:{kernel}"
+
+
+def kernel_of(implementation: str) -> Optional[str]:
+    """``sdpa:cudnn`` -> ``cudnn``; None for a backend that pins no kernel (``sdpa`` itself included)."""
+    backend, _, kernel = implementation.partition(":")
+    return kernel if backend == SDPA and kernel else None
+
+
+def backend_of(implementation: str) -> str:
+    """What transformers is told to run: ``sdpa`` for any of SDPA's kernels."""
+    return implementation.partition(":")[0]
+
+
+def candidates(device: Optional[torch.device], dtype: Optional[torch.dtype]) -> Tuple[str, ...]:
+    """The kernels worth timing on ``device`` in ``dtype`` (the dtype in effect): CUDA only; cuDNN and flash need
+    fp16/bf16 on sm_80+; each only where torch has it enabled (``torch.backends.cuda.*_sdp_enabled``)."""
+    if device is None or device.type != "cuda" or dtype is None:
+        return ()
+    half = dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(device)[0] >= 8
+    enabled = {"cudnn": half and torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cudnn.is_available(),
+               "flash": half and torch.backends.cuda.flash_sdp_enabled(),
+               "efficient": torch.backends.cuda.mem_efficient_sdp_enabled()}
+    return tuple(name(k) for k in KERNELS if enabled[k])
+
+
+def _backend(kernel: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
+
+
+@contextlib.contextmanager
+def pinned(implementation: str, strict: bool = False):
+    """Run the block on ``implementation``'s SDPA kernel (a no-op for any other backend); see the module doc."""
+    kernel = kernel_of(implementation)
+    if kernel is None:
+        yield
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    if not strict:
+        order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
+        with sdpa_kernel([_backend(k) for k in order], set_priority=True):
+            yield
+        return
+    with warnings.catch_warnings(record=True) as caught, sdpa_kernel([_backend(kernel)]):
+        warnings.simplefilter("always")  # torch says why a kernel cannot run in UserWarnings: keep them for the error
+        try:
+            yield
+        except RuntimeError as exc:
+            why = [str(w.message).split("\n")[0] for w in caught if issubclass(w.category, UserWarning)]
+            if not why:
+                raise
+            raise RuntimeError(f"{implementation} cannot run this batch: {'; '.join(dict.fromkeys(why))}") from exc
