@@ -114,7 +114,7 @@ def recommend(upstream: str, attention_info: dict) -> dict:
     if attention_info.get("contenders"):  # several healthy backends: auto measures them, so keep auto
         implementation = None
         comment = (f"on {attention_info['decided_on']} auto times {'/'.join(attention_info['contenders'])} "
-                   "on the first batches and keeps the faster")
+                   "on the first batches and keeps the fastest")
     conf = {"frontend_conf": inner, "download_dir": "./hub", "multilayer_feature": True,
             "attn_implementation": implementation or "auto"}
     lines = ["frontend: s3prl_flashcompat", "frontend_conf:", "  frontend_conf:"]
