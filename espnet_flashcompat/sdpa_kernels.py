@@ -9,10 +9,12 @@ on an A100. Under ``auto`` on CUDA, ``attention.decide`` names each kernel that 
 ``pinned(name)`` runs a forward on that kernel: at run time first in torch's priority order, the others after it
 (a later batch that it refuses still runs); with ``strict`` (calibration) alone, so that a kernel that refuses the
 batch fails there, with torch's own reason, instead of timing another kernel under its name. The backward runs the
-backward of the kernel its forward ran. The math kernel never contends: it is eager attention inside SDPA.
+backward of the kernel its forward ran. The math kernel never contends: it is eager attention inside SDPA. (On CPU
+torch tries its flash kernel, then math, whatever the priority order; ``auto`` calibrates on CUDA only.)
 """
 
 import contextlib
+import re
 import warnings
 from typing import Optional, Tuple
 
@@ -20,6 +22,7 @@ import torch
 
 SDPA = "sdpa"
 KERNELS = ("cudnn", "flash", "efficient")  # torch's own priority order on Hopper; math comes last
+_TRIGGERED = re.compile(r"\s*\(Triggered internally at [^)]*\)")
 
 
 def name(kernel: str) -> str:
@@ -75,7 +78,8 @@ def pinned(implementation: str, strict: bool = False):
         try:
             yield
         except RuntimeError as exc:
-            why = [str(w.message).split("\n")[0] for w in caught if issubclass(w.category, UserWarning)]
+            why = [_TRIGGERED.sub("", str(w.message)).strip() for w in caught if issubclass(w.category, UserWarning)]
+            why = [w for w in why if w and not w.endswith("not used because:")]  # headers of the reasons that follow
             if not why:
                 raise
             raise RuntimeError(f"{implementation} cannot run this batch: {'; '.join(dict.fromkeys(why))}") from exc

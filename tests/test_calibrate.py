@@ -248,6 +248,27 @@ def test_pinned_kernels_calibrate_and_the_refused_one_says_why(hf_conf, monkeypa
     assert len(logged) == 1 and "calibration took" in logged[0] and "batches' worth" in logged[0], logged
 
 
+def test_a_pinned_kernel_runs_alone_and_a_refusal_gives_torchs_reason():
+    """``pinned(..., strict=True)``, as calibration pins: the kernel alone, and where it refuses the call, torch's
+    reason (from its warnings) in the error, without torch's source locations. (That the run-time pin puts the
+    picked kernel first is CUDA's: torch on CPU tries flash, then math, whatever the priority order; the GPU test
+    ``test_auto_calibrates_on_the_real_batch`` compares the pick's output with a strict pin's.)"""
+    q = torch.randn(2, 2, 8, 16)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    with pytest.raises(RuntimeError, match=r"^sdpa:flash cannot run this batch: .*dropout") as refused:
+        with sdpa_kernels.pinned("sdpa:flash", strict=True):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask, dropout_p=0.1)
+    assert "Triggered internally" not in str(refused.value)
+    with sdpa_kernels.pinned("sdpa:flash", strict=True):  # no dropout: CPU's flash kernel runs it
+        flash = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    with sdpa_kernels.pinned("sdpa:math", strict=True):
+        math = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+    assert torch.allclose(flash, math, atol=1e-5) and not torch.equal(flash, math)  # two kernels, one result
+    assert sdpa_kernels.kernel_of("sdpa:cudnn") == "cudnn" and sdpa_kernels.kernel_of("sdpa") is None
+    assert sdpa_kernels.backend_of("sdpa:cudnn") == "sdpa" and sdpa_kernels.backend_of("eager") == "eager"
+
+
 def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders, monkeypatch, caplog):
     """The first batch of a bucket is a cold run's: calibration looks again at batch ``RECHECK_AFTER`` of that
     bucket (here 4), once, and the frontend keeps that pick."""

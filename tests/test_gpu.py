@@ -227,7 +227,7 @@ with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
 from espnet_flashcompat import sdpa_kernels
 
 forced = frontend(sdpa_kernels.backend_of(first.implementation)).train()
-with sdpa_kernels.pinned(first.implementation):  # sdpa:<kernel>: attn_implementation sdpa on that kernel
+with sdpa_kernels.pinned(first.implementation, strict=True):  # sdpa:<kernel>: sdpa on that kernel alone
     forced_feats, forced_rng = step(forced, x, n)
 other = "sdpa" if first.implementation == "flash_attention_2" else "flash_attention_2"
 explicit = frontend(other).train()
