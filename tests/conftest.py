@@ -36,6 +36,23 @@ def old_transformers():
     return faults.old_transformers()
 
 
+@pytest.fixture(scope="session")
+def healthy_flash_attn():
+    """PYTHONPATH entries that give a working flash-attn for this GPU: ``$ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR`` (a
+    ``pip install --target`` of a wheel built for it, as scripts/gpu.sh makes), else the installed one."""
+    import importlib.util
+    import os
+
+    where = os.environ.get("ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR")
+    pythonpath = [where] if where else []
+    if not where and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("no flash-attn: install one, or set ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR to a --target install of it")
+    proc = faults.run_python("import flash_attn, flash_attn_2_cuda; print(flash_attn.__version__)",
+                             pythonpath=pythonpath, timeout=300)
+    assert proc.returncode == 0, f"the flash-attn meant to be healthy does not import:\n{proc.stderr[-3000:]}"
+    return pythonpath
+
+
 def _tiny(tmp_path_factory, kind):
     from espnet_flashcompat.testing import make_tiny_hf_upstream
 

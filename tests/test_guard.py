@@ -5,7 +5,7 @@ import json
 import pytest
 
 from faults import run_python
-from stacks import S3PRL_DIST, STACK, TORCHAUDIO_BREAKS_STOCK, only_on
+from stacks import S3PRL_DIST, TORCHAUDIO_BREAKS_STOCK, only_on
 
 STALE = "not properly installed"
 

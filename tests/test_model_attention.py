@@ -23,7 +23,7 @@ import yaml
 from espnet_flashcompat import attention, espnet_compat, guard, model_attention, optin, relpos_sdpa
 from espnet_flashcompat.attention import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
 from faults import run
-from stacks import STACK, only_on
+from stacks import only_on
 
 CLASSES = {c.__name__: c for c in espnet_compat.attention_classes()}
 MHA = CLASSES["MultiHeadedAttention"]
@@ -578,19 +578,6 @@ def test_gpu_fp32_runs_sdpa_with_dropout_and_no_per_module_warnings(tmp_path, ca
     modules = _attention_modules(model)
     assert all(m.use_sdpa and not m.use_flash_attn for m in modules)
     assert _dropout_active(modules[0], "cuda")
-
-
-@pytest.fixture(scope="session")
-def healthy_flash_attn():
-    """PYTHONPATH entries that give a working flash-attn (as tests/test_gpu.py: ``$ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR``,
-    a ``pip install --target`` of a wheel built for this GPU, else the installed one)."""
-    import importlib.util
-    import os
-
-    where = os.environ.get("ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR")
-    if not where and importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("no flash-attn: install one, or set ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR to a --target install")
-    return [where] if where else []
 
 
 _GPU_FLASH = """

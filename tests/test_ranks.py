@@ -6,7 +6,6 @@ still train one model, and calibration's extra passes never reach DDP's gradient
 
 import json
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -85,7 +84,7 @@ def main(rank, scenario, world, init, tiny, device, out):
     logging.getLogger("espnet_flashcompat").addHandler(Keep())
     logging.getLogger("espnet_flashcompat").setLevel(logging.INFO)
     torch.manual_seed(0)
-    attn = "auto" if scenario == "agree" else "sdpa" if rank == 0 else "eager"
+    attn = {"agree": "auto", "ddp_auto": "auto"}.get(scenario, "sdpa" if rank == 0 else "eager")
     fe = S3prlFlashCompatFrontend(frontend_conf={"upstream": "hf_wav2vec2_custom", "path_or_url": tiny},
                                   attn_implementation=attn).to(device)
     g = torch.Generator().manual_seed(rank)  # each rank its own batch, as DDP's sampler gives
@@ -100,21 +99,25 @@ def main(rank, scenario, world, init, tiny, device, out):
         base = attention.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
         decision = fe._calibrate(base, (True, 2, 32768, True), x, n, together=True)
         result.update(chosen=decision.implementation, summary=decision.summary())
-    else:  # "train": ranks on different backends under DDP still train one model
+    else:  # "train": ranks on different backends under DDP still train one model; "ddp_auto": auto under DDP
         torch.manual_seed(0)
         # find_unused_parameters, as ESPnet recipes with S3PRL frontends set unused_parameters: true
         model = torch.nn.parallel.DistributedDataParallel(Model(fe).to(device), find_unused_parameters=True)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        amp = scenario == "ddp_auto"  # bf16 autocast: flash-attn and SDPA's kernels contend
         for _ in range(3):
-            loss = model(x, n)
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                loss = model(x, n)
             opt.zero_grad()
             loss.backward()
             opt.step()
         flat = torch.cat([p.detach().flatten().cpu() for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
-        result.update(identical=all(torch.equal(gathered[0], t) for t in gathered),
-                      backend=fe.attn_decision.implementation)
+        decision = fe.attn_decision
+        result.update(identical=all(torch.equal(gathered[0], t) for t in gathered), backend=decision.implementation,
+                      summary=decision.summary(), measured=decision.measured,
+                      contenders=list(fe._static[fe._key].contenders))
     result["logs"] = logs
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
@@ -126,11 +129,11 @@ if __name__ == "__main__":
 '''
 
 
-def _two_ranks(tmp_path, scenario, tiny, device="cpu"):
+def _two_ranks(tmp_path, scenario, tiny, device="cpu", pythonpath=()):
     script = tmp_path / "ranks_probe.py"
     script.write_text(SCRIPT)
     out = tmp_path / "result"
-    proc = run([sys.executable, script, scenario, tiny, device, out], timeout=600)
+    proc = run([sys.executable, script, scenario, tiny, device, out], pythonpath=pythonpath, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return [json.loads((tmp_path / f"result.{rank}").read_text()) for rank in range(2)]
 
@@ -158,3 +161,18 @@ def test_two_processes_on_one_gpu_agree(tmp_path, tiny_wav2vec2):
     results = _two_ranks(tmp_path, "agree", str(tiny_wav2vec2), device="cuda:0")
     assert [r["chosen"] for r in results] == ["sdpa", "sdpa"]
     assert all("decided across 2 ranks" in r["summary"] for r in results), results
+
+
+@pytest.mark.gpu
+def test_ddp_auto_on_one_gpu_calibrates_across_ranks_and_trains_one_model(tmp_path, tiny_wav2vec2,
+                                                                         healthy_flash_attn):
+    """The frontend's own path under DDP: two processes share the GPU, auto in bf16 autocast, the first forward
+    (inside DDP's) calibrates flash-attn against SDPA's kernels on each rank's own batch; both ranks take the same
+    backend from the merged timings, and after three steps the parameters are identical on both."""
+    results = _two_ranks(tmp_path, "ddp_auto", str(tiny_wav2vec2), device="cuda:0", pythonpath=healthy_flash_attn)
+    print(json.dumps([{k: r[k] for k in ("rank", "backend", "summary", "contenders")} for r in results], indent=1))
+    assert results[0]["measured"] and results[0]["contenders"][0] == "flash_attention_2", results[0]
+    assert any(c.startswith("sdpa") for c in results[0]["contenders"]), results[0]
+    assert results[0]["backend"] == results[1]["backend"], results
+    assert all("decided across 2 ranks" in r["summary"] and "cuda:0 bfloat16" in r["summary"] for r in results)
+    assert all(r["identical"] for r in results)
