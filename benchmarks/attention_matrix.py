@@ -160,6 +160,8 @@ def spread(times) -> float:
 
 
 def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
+    from espnet_flashcompat.calibrate import release
+
     model = make_model(kind, dtype)
     decision = auto_choice(model, dtype)
     logger.info("%s: auto -> %s", kind, decision.summary())
@@ -196,6 +198,7 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
                     cells[name]["times"] += measure(step, warmup + 2 * (r == 1), iters)
                 except Exception as exc:  # a backend that cannot run this row says why in its cell
                     cells[name]["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                    release(exc)  # else its partial forward stays allocated, inflating the next cells' peaks
                     logger.warning("%s %s: %s", kind, name, cells[name]["error"])
                     torch.cuda.synchronize()
                 cells[name]["peak"] = max(cells[name]["peak"], torch.cuda.max_memory_allocated())

@@ -12,6 +12,7 @@ reason for every backend left out.
 import math
 import statistics
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -75,6 +76,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                         ms, peak = _run_once(forward, backend, switch, trainable, device)
                     except Exception as exc:  # this backend cannot run this batch: it is out, with its reason
                         failed[backend] = one_line(exc)[:300]
+                        release(exc)
                         continue
                     if round_:
                         times[backend].append(ms)
@@ -86,6 +88,17 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                 if name in buffers:
                     b.copy_(buffers[name])
     return {b: failed.get(b) or _timing(b, times[b], peaks[b]) for b in backends}
+
+
+def release(exc: BaseException) -> None:
+    """Free what a failed forward left in its frames now: the traceback of an exception that passed through a
+    context manager is a reference cycle, which would keep the partial forward's activations (gigabytes on a GPU)
+    until the garbage collector's next full pass."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _close(times: Dict[str, list], failed: Dict[str, str]) -> bool:

@@ -78,8 +78,15 @@ def pinned(implementation: str, strict: bool = False):
         try:
             yield
         except RuntimeError as exc:
-            why = [_TRIGGERED.sub("", str(w.message)).strip() for w in caught if issubclass(w.category, UserWarning)]
-            why = [w for w in why if w and not w.endswith("not used because:")]  # headers of the reasons that follow
+            why = reasons(str(w.message) for w in caught if issubclass(w.category, UserWarning))
             if not why:
                 raise
-            raise RuntimeError(f"{implementation} cannot run this batch: {'; '.join(dict.fromkeys(why))}") from exc
+            raise RuntimeError(f"{implementation} cannot run this batch: {why}") from exc
+
+
+def reasons(messages) -> str:
+    """torch's warnings of a refused call, as one reason: without its source locations, the headers ("... not used
+    because:"), and the other kernels' "has been runtime disabled" (the pin did that); in order, each once."""
+    why = [_TRIGGERED.sub("", m).strip() for m in messages]
+    why = [w for w in why if w and not w.endswith("not used because:")]
+    return "; ".join(dict.fromkeys(w for w in why if not w.endswith("has been runtime disabled.")) or why)

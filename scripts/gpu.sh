@@ -5,6 +5,7 @@
 #
 #   bash scripts/gpu.sh OUT_DIR [all|tests|bench] [ARGS]   # default: all; ARGS go to attention_matrix.py
 #   bash scripts/gpu.sh OUT_DIR espnet [ARGS]               # benchmarks/espnet_attention.py (ESPnet's own attention)
+#   bash scripts/gpu.sh OUT_DIR probe [ARGS]                # benchmarks/sdpa_kernel_probe.py (which SDPA kernel runs)
 #
 # The ESPnet stack: ESPNET_FLASHCOMPAT_STACK=current (default: espnet 202611 + espnet-s3prl, from .whl/site) or
 # legacy (espnet 202511 + s3prl 0.4.18, from .whl/site-legacy). The machine's own torch, torchaudio and
@@ -33,7 +34,7 @@
 # then the same with "bench --models wav2vec2" and "bench --models hubert". Each call carries 64 MiB at most: with
 # both stacks fetched, carry only the folders in use, e.g. carry=[".whl/site", ".whl/faults", ".fa"].
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet] [benchmark args]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe] [benchmark args]}
 what=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -116,6 +117,11 @@ fi
 if [ "$what" = espnet ]; then
     stamp "ESPnet attention benchmark -> $out/espnet_attention.{md,json}, $out/espnet.log"
     PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/espnet_attention.py --out "$out" "$@" 2>&1 | tee "$out/espnet.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = probe ]; then
+    stamp "which SDPA kernel runs under each pin -> $out/sdpa_kernel_probe.{md,json}"
+    PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/sdpa_kernel_probe.py --out "$out" "$@" 2>&1 | tee "$out/probe.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then

@@ -60,6 +60,41 @@ def test_a_backend_that_fails_is_left_out_with_its_error():
     assert _pick(flash_attention_2="OutOfMemoryError", sdpa="OutOfMemoryError") is None
 
 
+def test_a_refused_backend_leaves_nothing_allocated():
+    """A refusal raised through a context manager (as ``sdpa_kernels.pinned``'s) makes a reference cycle that holds
+    the partial forward's tensors (on a GPU, the feature extractor's activations: gigabytes) until the garbage
+    collector's next full pass; calibration frees them at once. Checked with the collector off."""
+    import contextlib
+    import gc
+    import weakref
+
+    left = []
+
+    @contextlib.contextmanager
+    def refusing():
+        try:
+            yield
+        except ValueError as exc:
+            raise RuntimeError("this kernel cannot run this batch") from exc
+
+    def forward():
+        activations = torch.ones(256, 256)
+        left.append(weakref.ref(activations))
+        with refusing():
+            raise ValueError(f"refused after {activations.numel()} values")
+
+    gc.disable()
+    try:
+        with torch.no_grad():
+            timings = calibrate.measure(forward, ("sdpa",), lambda b: None, torch.nn.Linear(1, 1),
+                                        torch.device("cpu"))
+        alive = [ref() is not None for ref in left]
+    finally:
+        gc.enable()
+    assert timings["sdpa"] == "RuntimeError: this kernel cannot run this batch"
+    assert alive == [False], "the failed forward's tensors outlived the calibration"
+
+
 class _Clock:
     """A fake ``time.perf_counter`` that a fake forward advances by what each backend "costs" on each call."""
 
@@ -266,6 +301,21 @@ def test_a_pinned_kernel_runs_alone_and_a_refusal_gives_torchs_reason():
         math = torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert torch.allclose(flash, math, atol=1e-5) and not torch.equal(flash, math)  # two kernels, one result
     assert sdpa_kernels.kernel_of("sdpa:cudnn") == "cudnn" and sdpa_kernels.kernel_of("sdpa") is None
+
+
+def test_a_refusal_names_the_kernels_own_reason_not_the_pins():
+    """torch's warnings when ``sdpa:flash`` alone refuses a ragged batch on the H200 (2026-12-01): the other kernels
+    are "runtime disabled" by the pin itself; the reason left is flash's."""
+    h200 = ["Memory efficient kernel not used because: (Triggered internally at /pytorch/aten/src/ATen/native/"
+            "transformers/cuda/sdp_utils.cpp:949.)", "Memory Efficient attention has been runtime disabled. "
+            "(Triggered internally at /pytorch/aten/src/ATen/native/transformers/sdp_utils_cpp.h:554.)",
+            "Flash attention kernel not used because: (Triggered internally at x.cpp:951.)",
+            "Flash Attention does not support non-null attn_mask. (Triggered internally at y.h:269.)",
+            "cuDNN attention kernel not used because: (Triggered internally at x.cpp:953.)",
+            "cuDNN attention has been runtime disabled. (Triggered internally at x.cpp:686.)"]
+    assert sdpa_kernels.reasons(h200) == "Flash Attention does not support non-null attn_mask."
+    disabled = ["Flash attention kernel not used because:", "Flash attention has been runtime disabled."]
+    assert sdpa_kernels.reasons(disabled) == "Flash attention has been runtime disabled."  # nothing else to say
     assert sdpa_kernels.backend_of("sdpa:cudnn") == "sdpa" and sdpa_kernels.backend_of("eager") == "eager"
 
 
