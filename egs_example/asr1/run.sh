@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Mini egs2-style ASR recipe: a synthetic "tone language" learnt end to end through the
 # s3prl_flashcompat frontend (a tiny random wav2vec2, fine-tuned), driven by the stock espnet2.bin.* tools.
-# Stages: 1 data, 2 token list, 3 collect stats, 4 train, 5 decode, 6 score.
+# Stages: 1 data, 2 token list, 3 collect stats, 4 train, 5 decode, 6 score, 7 hand-off (to-stock, stock decode).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 stage=1
-stop_stage=6
+stop_stage=7
 nj=2                                     # parallel jobs for collect stats and decoding
 ngpu=0
 python=python
@@ -32,6 +32,7 @@ token_list=data/token_list/word/tokens.txt
 stats_dir=exp/asr_stats_${tag}
 asr_exp=exp/asr_${tag}
 decode_dir=${asr_exp}/decode_test
+stock_exp=${asr_exp}_stock               # stage 7: the to-stock copy, and stock ESPnet's decode of it
 # what collect stats (stage 3) and training (stage 4) share, as in asr.sh
 train_opts=(--config "${asr_config}" --use_preprocessor true --token_type word --token_list "${token_list}"
     --train_data_path_and_name_and_type data/train/wav.scp,speech,sound
@@ -62,6 +63,18 @@ run_logged() {
     local pid=$!
     tail -n +1 -F --pid="${pid}" "${log}" 2>/dev/null | grep --line-buffered -E "${pattern}" | sed -u 's/^/  | /' || true
     wait "${pid}" || fail "${log}"
+}
+# decode CONFIG MODEL OUT: the test set through asr_inference, nj jobs; the sorted hypotheses in OUT/text
+decode() {
+    local logdir=$3/logdir
+    rm -rf "$3"; mkdir -p "${logdir}"
+    split_keys data/test/wav.scp "${logdir}/keys"
+    run_parallel asr_inference "${logdir}" ${python} -m espnet2.bin.asr_inference \
+        --config "${inference_config}" --ngpu 0 --seed "${seed}" --asr_train_config "$1" --asr_model_file "$2" \
+        --data_path_and_name_and_type data/test/wav.scp,speech,sound \
+        --key_file "${logdir}/keys.JOB.scp" --output_dir "${logdir}/output.JOB"
+    cat "${logdir}"/output.*/1best_recog/text | sort > "$3/text"
+    echo "  $(wc -l < "$3/text") hypotheses: $3/text"
 }
 # run_parallel NAME LOGDIR CMD...: runs CMD nj times with JOB replaced by 1..nj, logs in LOGDIR/NAME.JOB.log.
 # The jobs share the cores (more threads than cores makes CPU torch crawl).
@@ -137,16 +150,7 @@ fi
 
 if runs 5; then
     banner "5: decode test -> ${decode_dir}"
-    logdir=${decode_dir}/logdir
-    rm -rf "${decode_dir}"; mkdir -p "${logdir}"
-    split_keys data/test/wav.scp "${logdir}/keys"
-    run_parallel asr_inference "${logdir}" ${python} -m espnet2.bin.asr_inference \
-        --config "${inference_config}" --ngpu 0 --seed "${seed}" \
-        --asr_train_config "${asr_exp}/config.yaml" --asr_model_file "${asr_exp}/valid.loss.ave.pth" \
-        --data_path_and_name_and_type data/test/wav.scp,speech,sound \
-        --key_file "${logdir}/keys.JOB.scp" --output_dir "${logdir}/output.JOB"
-    cat "${logdir}"/output.*/1best_recog/text | sort > "${decode_dir}/text"
-    echo "  $(wc -l < "${decode_dir}/text") hypotheses: ${decode_dir}/text"
+    decode "${asr_exp}/config.yaml" "${asr_exp}/valid.loss.ave.pth" "${decode_dir}"
 fi
 
 if runs 6; then
@@ -158,4 +162,32 @@ if runs 6; then
     backend=$(grep -oE "s3prl_flashcompat: [^(]*" "${asr_exp}/train.log" | grep -oE "attention [a-z0-9_-]+" \
         | tail -n 1 | sed -E 's/^attention //' || true)
     echo "RESULT: test $(tail -n 1 "${decode_dir}/result.txt"), wall=${SECONDS}s, attention backend=${backend:-unknown (not logged)}"
+fi
+
+if runs 7; then
+    # A receiver without this package: to-stock writes a frontend: s3prl copy (after proving, in a fresh
+    # interpreter with the plugin off, that stock ESPnet loads it with strict keys and equal outputs); stock ESPnet
+    # then decodes it with the startup hook off, and must give stage 5's hypotheses.
+    banner "7: hand-off: to-stock -> ${stock_exp}, then decode with the plugin off"
+    rm -rf "${stock_exp}" "${stock_exp}_log"
+    mkdir -p "${stock_exp}_log"
+    if ${python} -m espnet_flashcompat to-stock "${asr_exp}/config.yaml" "${stock_exp}" \
+        --model "${asr_exp}/valid.loss.ave.pth" > "${stock_exp}_log/to_stock.log" 2>&1; then status=0; else status=$?; fi
+    sed 's/^/  | /' "${stock_exp}_log/to_stock.log"
+    if [ "${status}" = 1 ] && ! ${python} -c "import s3prl.nn" > /dev/null 2>&1; then
+        # s3prl 0.4.18 with torchaudio >= 2.9 (the legacy stack): stock ESPnet cannot build any S3PRL frontend
+        echo "HANDOFF: not possible on this stack: stock S3PRL does not import here (to-stock said why, above)"
+    elif [ "${status}" != 0 ]; then
+        echo "HANDOFF: to-stock failed (exit ${status})" >&2; exit 1
+    else
+        ESPNET_FLASHCOMPAT_DISABLE=1 decode "${stock_exp}/config.yaml" "${stock_exp}/valid.loss.ave.pth" \
+            "${stock_exp}_log/decode_test"
+        if cmp -s "${decode_dir}/text" "${stock_exp}_log/decode_test/text"; then
+            echo "HANDOFF: stock ESPnet, plugin off, decodes the to-stock copy to the same" \
+                 "$(wc -l < "${decode_dir}/text") hypotheses as the plugin"
+        else
+            echo "HANDOFF: the hypotheses differ:" >&2
+            diff "${decode_dir}/text" "${stock_exp}_log/decode_test/text" | head -n 10 >&2; exit 1
+        fi
+    fi
 fi
