@@ -310,8 +310,6 @@ def test_unverifiable_where_stock_s3prl_cannot_be_imported(plugin_model, recipe,
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(not hasattr(registry, "REPLACE_ENV"), strict=False,
-                   reason="ESPNET_FLASHCOMPAT_REPLACE_S3PRL is not in registry.py yet")
 def test_stock_model_decodes_with_our_frontend_when_asked(recipe, tiny_wav2vec2, receiver, tmp_path):
     exp = _train(recipe, tiny_wav2vec2, "exp_stock", "s3prl", env=STOCK, pythonpath=receiver)
     assert yaml.safe_load((exp / "config.yaml").read_text())["frontend"] == "s3prl"
@@ -319,6 +317,6 @@ def test_stock_model_decodes_with_our_frontend_when_asked(recipe, tiny_wav2vec2,
                               pythonpath=receiver)
     assert stock_hyps is not None and "s3prl_flashcompat" not in proc.stderr, proc.stderr[-3000:]
     hyps, proc = decode(recipe, exp / "config.yaml", exp / MODEL, tmp_path / "dec_ours",
-                        env={"ESPNET_FLASHCOMPAT_REPLACE_S3PRL": "1"})  # no shim: the plugin needs none
+                        env={registry.REPLACE_ENV: "1"})  # no shim: the plugin needs none
     assert "s3prl_flashcompat: upstream hf_wav2vec2_custom, attention" in proc.stderr, proc.stderr[-3000:]
     assert hyps == stock_hyps

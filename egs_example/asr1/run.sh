@@ -159,7 +159,7 @@ if runs 6; then
         > "${decode_dir}/result.txt"
     sed '$d' "${decode_dir}/result.txt"
     # The frontend logs its attention decision at INFO (and a WARNING if it falls back): take the last one.
-    backend=$(grep -oE "s3prl_flashcompat: [^(]*" "${asr_exp}/train.log" | grep -oE "attention [a-z0-9_-]+" \
+    backend=$(grep -oE "s3prl_flashcompat: [^(]*" "${asr_exp}/train.log" | grep -oE "attention [a-z0-9_:-]+" \
         | tail -n 1 | sed -E 's/^attention //' || true)
     echo "RESULT: test $(tail -n 1 "${decode_dir}/result.txt"), wall=${SECONDS}s, attention backend=${backend:-unknown (not logged)}"
 fi
