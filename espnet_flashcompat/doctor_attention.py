@@ -53,9 +53,11 @@ def tiny_hf_upstream(add):
 
 def devices(model, torch_info: dict) -> List[dict]:
     devices = [{"device": "cpu", "name": "CPU", "capability": None}]
-    if torch_info["cuda_available"]:
+    if torch_info["cuda_available"] or model is not None:  # either means torch imports
         import torch
 
+        from espnet_flashcompat import attention
+    if torch_info["cuda_available"]:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             name = torch.cuda.get_device_name(i)
@@ -64,10 +66,6 @@ def devices(model, torch_info: dict) -> List[dict]:
         device["backends"], device["auto"] = {b: {"ok": None, "reason": None} for b in _BACKENDS}, None
         if model is None:
             continue
-        import torch
-
-        from espnet_flashcompat import attention
-
         where, dtype = torch.device(device["device"]), getattr(torch, PROBE_DTYPE)
         for backend in _BACKENDS:
             decision = attention.decide(backend, model, where, dtype)
