@@ -89,4 +89,5 @@ def reasons(messages) -> str:
     because:"), and the other kernels' "has been runtime disabled" (the pin did that); in order, each once."""
     why = [_TRIGGERED.sub("", m).strip() for m in messages]
     why = [w for w in why if w and not w.endswith("not used because:")]
-    return "; ".join(dict.fromkeys(w for w in why if not w.endswith("has been runtime disabled.")) or why)
+    own = [w for w in why if not w.endswith("has been runtime disabled.")]
+    return "; ".join(dict.fromkeys(own or why))
