@@ -2,7 +2,7 @@
 
 Metadata lives in setup.cfg; pyproject.toml makes every pip build through PEP 517/660 (without it, old pips and
 venvs holding setuptools + wheel run ``setup.py install``/``develop``, which skip the hook). This file adds the
-one-line ``.pth`` file (its name and line come from ``espnet_flashcompat.registry``, which imports nothing heavy) in
+one-line ``.pth`` file (its name and line come from ``espnet_flashcompat.espnet.registry``, which imports nothing heavy) in
 both install modes:
 
 - ``pip install .``: ``build_py`` writes it at the root of build_lib, so it sits at the root of the wheel
@@ -20,7 +20,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from espnet_flashcompat.registry import PTH_LINE, PTH_NAME  # noqa: E402
+from espnet_flashcompat.espnet.registry import PTH_LINE, PTH_NAME  # noqa: E402
 
 sys.path.pop(0)
 

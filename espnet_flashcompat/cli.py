@@ -1,11 +1,11 @@
 """The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` and ``to-stock``.
 
-``doctor`` prints ``doctor_text.render()`` or, with ``--json``, the report as JSON, and exits with the report's
-exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor``). While the checks run,
+``doctor`` prints ``doctor.text.render()`` or, with ``--json``, the report as JSON, and exits with the report's
+exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor.report``). While the checks run,
 whatever the imported libraries print or log is held back (``--verbose`` lets it through, to stderr), so
 that stdout carries the report alone. A usage error exits 64 (EX_USAGE), so that 2 always means broken.
 
-``to-stock`` runs ``handoff.to_stock`` and prints ``handoff.render()``; it exits 0 when the output is written and
+``to-stock`` runs ``handoff.convert.to_stock`` and prints ``handoff.convert.render()``; it exits 0 when the output is written and
 verified, 1 when verification failed, 2 when SRC or OUT is refused (nothing is written then), with the reason on
 stderr.
 """
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     doctor = commands.add_parser(
         "doctor", help="report the state of torch, GPUs, flash-attn, transformers, S3PRL and ESPnet",
-        description="Report what espnet-flashcompat sees on this machine and the frontend_conf to use. "
+        description="Report what espnet-flashcompat sees in this Python environment and the frontend_conf to use. "
                     "Exit code: 0 healthy, 1 degraded (a fallback is in force), "
                     "2 broken (the frontend cannot be built).")
     doctor.add_argument("--json", action="store_true", help="print the report as JSON (schema_version 2)")
@@ -69,27 +69,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "to-stock":
         return _to_stock(args)
-    from espnet_flashcompat import doctor, doctor_text
+    from espnet_flashcompat.doctor.report import gather
+    from espnet_flashcompat.doctor.text import render
 
     if args.verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-        report = _stdout_to_stderr(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
+        report = _stdout_to_stderr(lambda: gather(quick=args.quick, upstream=args.upstream))
     else:
-        report = _held_back(lambda: doctor.gather(quick=args.quick, upstream=args.upstream))
-    print(json.dumps(report, indent=2) if args.json else doctor_text.render(report))
+        report = _held_back(lambda: gather(quick=args.quick, upstream=args.upstream))
+    print(json.dumps(report, indent=2) if args.json else render(report))
     return report["exit_code"]
 
 
 def _to_stock(args) -> int:
-    from espnet_flashcompat import handoff
+    from espnet_flashcompat.handoff import convert
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = handoff.to_stock(args.src, args.out, model=args.model, task=args.task)
-    except handoff.HandoffError as exc:
+        result = convert.to_stock(args.src, args.out, model=args.model, task=args.task)
+    except convert.HandoffError as exc:
         print(f"espnet-flashcompat to-stock: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(handoff.render(result))
+    print(convert.render(result))
     return 0
 
 

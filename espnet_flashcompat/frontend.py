@@ -2,7 +2,7 @@
 
 A thin subclass: S3PRL is imported through ``guard`` (so the stock ``from s3prl.nn import ...`` inside
 ESPnet's constructor succeeds), inputs are checked up front, the attention backend is chosen by
-``attention.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``calibrate``
+``policy.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``calibrate``
 times the healthy backends, SDPA's kernels one by one, on the first batch of each batch-shape bucket and again
 on its ``calibrate.RECHECK_AFTER``-th, once the run is warm, and keeps the fastest), and a flash-attn kernel error
 at run time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
@@ -16,9 +16,10 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat import attention, calibrate, ranks, sdpa_kernels, transformers_compat
-from espnet_flashcompat.guard import import_s3prl, one_line, recovered_faults
-from espnet_flashcompat.hub import ResilientHub, close_names
+from espnet_flashcompat.attention import calibrate, policy, ranks, sdpa_kernels, transformers_compat
+from espnet_flashcompat.s3prl.errors import one_line
+from espnet_flashcompat.s3prl.guard import import_s3prl, recovered_faults
+from espnet_flashcompat.s3prl.hub import ResilientHub, close_names
 
 logger = logging.getLogger(__name__)
 # Stock defaults, read off S3prlFrontend itself: the class behind its frontend_conf default moved from espnet.nets
@@ -36,28 +37,30 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         download_dir: Optional[str] = None,
         multilayer_feature: bool = False,
         layer: int = -1,
-        attn_implementation: str = attention.AUTO,
+        attn_implementation: str = policy.AUTO,
         strict: bool = False,
     ):
-        request, source = attention.requested_backend(attn_implementation)
+        request, source = policy.requested_backend(attn_implementation)
         s3prl = import_s3prl()
         _check_upstream(s3prl.hub, (frontend_conf or {}).get("upstream"))
         super().__init__(fs, frontend_conf, download_dir, multilayer_feature, layer)
         num_layers = self.upstream.num_layers
         if not -num_layers <= layer < num_layers:
             raise ValueError(f"layer={layer} is out of range: upstream '{frontend_conf['upstream']}' has "
-                             f"{num_layers} hidden states (layers 0..{num_layers - 1}, or -1 for all)")
+                             f"{num_layers} hidden states (0..{num_layers - 1}, or counted from the end down to "
+                             f"-{num_layers}; -1, the default, is the last one, or with multilayer_feature: true "
+                             "the weighted sum of all)")
         self.frontend_type = "s3prl"  # ESPnet keys behaviour on this; we are an s3prl frontend
         self.strict = strict
         self.attn_request, self.attn_source = request, source
         self.import_faults = recovered_faults()
-        self._static: Dict[Tuple[str, str], attention.AttnDecision] = {}  # (device, dtype) -> policy decision
-        self._measured: Dict[Tuple, attention.AttnDecision] = {}  # (device, dtype, shape bucket) -> calibrated
+        self._static: Dict[Tuple[str, str], policy.AttnDecision] = {}  # (device, dtype) -> policy decision
+        self._measured: Dict[Tuple, policy.AttnDecision] = {}  # (device, dtype, shape bucket) -> calibrated
         self._seen: Dict[Tuple, int] = {}  # ... -> batches seen in that bucket
         self._warned = set()  # rejection tuples already warned about: one warning per decision
         self.attn_decision = self._policy(None, None)
-        if self.attn_decision.implementation != attention.FLASH:  # flash waits for the device: on CPU fp32 it warns
-            attention.apply(self.upstream, self.attn_decision.implementation)
+        if self.attn_decision.implementation != policy.FLASH:  # flash waits for the device: on CPU fp32 it warns
+            policy.apply(self.upstream, self.attn_decision.implementation)
         logger.info("s3prl_flashcompat: upstream %s, %s", frontend_conf["upstream"], self.attn_decision.summary())
 
     def forward(self, input: torch.Tensor, input_lengths: torch.Tensor):
@@ -66,7 +69,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         try:
             return self._run(self.attn_decision.implementation, input, input_lengths)
         except Exception as exc:
-            if self.attn_decision.implementation != attention.FLASH or not attention.is_flash_kernel_error(exc):
+            if self.attn_decision.implementation != policy.FLASH or not policy.is_flash_kernel_error(exc):
                 raise
             self._fall_back(exc)
         return self._run(self.attn_decision.implementation, input, input_lengths)
@@ -76,8 +79,8 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         with sdpa_kernels.pinned(implementation, strict):
             return S3prlFrontend.forward(self, input, input_lengths)
 
-    def _policy(self, device, dtype) -> attention.AttnDecision:
-        decision = attention.decide(self.attn_request, self.upstream, device, dtype, self.attn_source, self.strict)
+    def _policy(self, device, dtype) -> policy.AttnDecision:
+        decision = policy.decide(self.attn_request, self.upstream, device, dtype, self.attn_source, self.strict)
         if decision.downgraded and decision.rejected not in self._warned:
             self._warned.add(decision.rejected)
             logger.warning("s3prl_flashcompat: %s. Fix: %s", decision.summary(), _FIX)
@@ -88,15 +91,15 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         by calibration once per shape bucket; under DDP once per train/eval, agreed by all ranks (``ranks``).
         A GPU run sees CUDA only after the model is moved."""
         device = input.device
-        model = attention.hf_model(self.upstream)
-        dtype = attention.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
+        model = policy.hf_model(self.upstream)
+        dtype = policy.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
         key = self._key = (str(device), str(dtype))
         if key not in self._static:
             self._static[key] = self._policy(device, dtype)
             if not self._static[key].contenders:
                 logger.info("s3prl_flashcompat: %s", self._static[key].summary())
         decision = self._static[key]
-        together = ranks.world_size() > 1 and device.type == "cuda" and self.attn_request == attention.AUTO \
+        together = ranks.world_size() > 1 and device.type == "cuda" and self.attn_request == policy.AUTO \
             and model is not None
         if decision.contenders or together:
             shape = calibrate.bucket(input, input_lengths)
@@ -107,10 +110,10 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             elif seen == calibrate.RECHECK_AFTER and (shape[0] or not together):  # DDP: train steps are in lockstep
                 self._measured[bucket] = self._calibrate(decision, shape, input, input_lengths, together, seen)
             decision = self._measured[bucket]
-        attention.apply(self.upstream, decision.implementation)
+        policy.apply(self.upstream, decision.implementation)
         self.attn_decision = decision
 
-    def _calibrate(self, decision, shape, input, input_lengths, together=False, seen=1) -> attention.AttnDecision:
+    def _calibrate(self, decision, shape, input, input_lengths, together=False, seen=1) -> policy.AttnDecision:
         """Time the contenders on this batch (under DDP: every rank, even one with a single healthy backend, so
         that each exchanges its timings and reasons with the others) and pick one. ``seen``: which batch of its
         bucket this is; the first, then ``calibrate.RECHECK_AFTER`` (the same contenders, once the run is warm)."""
@@ -118,7 +121,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
 
         def switch(backend):
             current[0] = backend
-            attention.apply(self.upstream, backend)
+            policy.apply(self.upstream, backend)
 
         start = time.perf_counter()
         timings = calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True),
@@ -138,14 +141,14 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
     def _fall_back(self, exc: Exception) -> None:
         failed = self.attn_decision
         if self.strict:
-            raise attention.AttentionUnavailableError(
+            raise policy.AttentionUnavailableError(
                 f"strict: flash_attention_2 failed on {failed.context}: {type(exc).__name__}: {exc}") from exc
-        model = attention.hf_model(self.upstream)
-        backend = attention.SDPA if transformers_compat.supports(model, attention.SDPA) else attention.EAGER
-        rejection = attention.Rejection(attention.FLASH, one_line(exc))
-        decision = attention.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
+        model = policy.hf_model(self.upstream)
+        backend = policy.SDPA if transformers_compat.supports(model, policy.SDPA) else policy.EAGER
+        rejection = policy.Rejection(policy.FLASH, one_line(exc))
+        decision = policy.AttnDecision(failed.requested, backend, failed.rejected + (rejection,),
                                           failed.source, failed.context)
-        attention.apply(self.upstream, backend)
+        policy.apply(self.upstream, backend)
         logger.warning("s3prl_flashcompat: flash-attn failed at run time; re-running the batch. %s. Fix: %s",
                        decision.summary(), _FIX)
         # This device and dtype now run on the fallback, whatever the batch shape: no more calibration.

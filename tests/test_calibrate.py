@@ -1,6 +1,6 @@
 """Measured-fastest ``auto``: the choice rules, and calibration that leaves no trace (CPU).
 
-On CUDA, ``attention.decide`` names flash_attention_2 and sdpa as contenders; on CPU nothing contends, so the
+On CUDA, ``policy.decide`` names flash_attention_2 and sdpa as contenders; on CPU nothing contends, so the
 frontend tests let sdpa and eager contend instead (the ``cpu_contenders`` fixture). The real H100 run of the
 same path is ``tests/test_gpu.py::test_auto_calibrates_on_the_real_batch``.
 """
@@ -10,12 +10,12 @@ import logging
 import pytest
 import torch
 
-from espnet_flashcompat import attention, calibrate, sdpa_kernels
-from espnet_flashcompat.calibrate import Timing
+from espnet_flashcompat.attention import calibrate, policy, sdpa_kernels
+from espnet_flashcompat.attention.calibrate import Timing
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 
 GIB = 2**30
-BASE = attention.AttnDecision("auto", "flash_attention_2", (), "config", "cuda:0 bfloat16",
+BASE = policy.AttnDecision("auto", "flash_attention_2", (), "config", "cuda:0 bfloat16",
                               ("flash_attention_2", "sdpa"))
 
 
@@ -31,7 +31,7 @@ def test_fastest_wins():
 
 
 def test_a_tie_goes_to_the_leaner_backend():
-    # issue 5's 30 s ragged train step: sdpa 134 ms / 9.46 GiB, flash 135 ms / 9.06 GiB (within 2%)
+    # wav2vec2 base, 30 s ragged train step, H100, torch 2.11 (2026-11): sdpa 134 ms / 9.46 GiB, flash 135 ms / 9.06 GiB
     decision = _pick(flash_attention_2=(135.0, 9.06 * GIB), sdpa=(134.0, 9.46 * GIB))
     assert decision.implementation == "flash_attention_2"
     assert "ties within 2%, and uses more memory" in decision.rejected[0].reason
@@ -55,7 +55,7 @@ def test_a_backend_that_fails_is_left_out_with_its_error():
     decision = _pick(flash_attention_2="RuntimeError: FlashAttention only support fp16 and bf16 data type",
                      sdpa=(25.0, GIB))
     assert decision.implementation == "sdpa"
-    assert decision.rejected[0] == attention.Rejection(
+    assert decision.rejected[0] == policy.Rejection(
         "flash_attention_2", "failed during calibration: RuntimeError: FlashAttention only support fp16 and bf16 data type")
     assert _pick(flash_attention_2="OutOfMemoryError", sdpa="OutOfMemoryError") is None
 
@@ -172,7 +172,7 @@ def test_measure_leaves_no_trace(hf_conf):
     torch.manual_seed(1)
     rng = torch.get_rng_state()
     timings = calibrate.measure(lambda: frontend(x, lengths), ("sdpa", "eager"),
-                                lambda b: attention.apply(frontend.upstream, b), frontend, x.device)
+                                lambda b: policy.apply(frontend.upstream, b), frontend, x.device)
     assert torch.equal(torch.get_rng_state(), rng) and frontend.counter.item() == 0
     assert all(p.grad is None for p in frontend.parameters())
     assert {b: type(t) for b, t in timings.items()} == {"sdpa": Timing, "eager": Timing}
@@ -182,16 +182,16 @@ def test_measure_leaves_no_trace(hf_conf):
 @pytest.fixture()
 def cpu_contenders(monkeypatch):
     """Let sdpa and eager contend on CPU, as flash_attention_2 and sdpa do on CUDA."""
-    decide = attention.decide
+    decide = policy.decide
 
     def contending(requested, upstream, device=None, dtype=None, source="config", strict=False):
         decision = decide(requested, upstream, device, dtype, source, strict)
-        if requested == attention.AUTO and device is not None:
-            decision = attention.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
+        if requested == policy.AUTO and device is not None:
+            decision = policy.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
                                               decision.context, ("sdpa", "eager"))
         return decision
 
-    monkeypatch.setattr(attention, "decide", contending)
+    monkeypatch.setattr(policy, "decide", contending)
 
 
 def _step(frontend, x, lengths):
@@ -242,29 +242,29 @@ def test_sdpa_contends_as_its_kernels_on_cuda(monkeypatch, hf_conf):
     frontend = S3prlFlashCompatFrontend(frontend_conf=hf_conf)
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:cudnn", "sdpa:efficient"))
-    decision = attention.decide("auto", frontend.upstream, cuda, torch.bfloat16)
+    decision = policy.decide("auto", frontend.upstream, cuda, torch.bfloat16)
     assert decision.contenders == ("sdpa:cudnn", "sdpa:efficient") and decision.implementation == "sdpa"
-    assert "flash_attention_2" in {r.backend for r in decision.rejected}  # no working flash-attn on this machine
+    assert "flash_attention_2" in {r.backend for r in decision.rejected}  # no working flash-attn in the test venv
     monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:efficient",))
-    decision = attention.decide("auto", frontend.upstream, cuda, torch.float32)
+    decision = policy.decide("auto", frontend.upstream, cuda, torch.float32)
     assert decision.contenders == () and decision.implementation == "sdpa"  # one kernel: nothing to time
-    assert attention.decide("sdpa", frontend.upstream, cuda, torch.bfloat16).contenders == ()  # explicit: stays
+    assert policy.decide("sdpa", frontend.upstream, cuda, torch.bfloat16).contenders == ()  # explicit: stays
 
 
 def test_pinned_kernels_calibrate_and_the_refused_one_says_why(hf_conf, monkeypatch, caplog):
     """CPU has SDPA's flash and math kernels, not the memory-efficient one: calibration among the three pins each
     (strict), leaves efficient out with torch's error, and the frontend then runs the pick on that kernel: its output
     and gradients equal an ``sdpa`` run pinned to the same kernel."""
-    decide = attention.decide
+    decide = policy.decide
 
     def kernels(requested, upstream, device=None, dtype=None, source="config", strict=False):
         decision = decide(requested, upstream, device, dtype, source, strict)
-        if requested == attention.AUTO and device is not None:
-            decision = attention.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
+        if requested == policy.AUTO and device is not None:
+            decision = policy.AttnDecision(decision.requested, "sdpa", decision.rejected, decision.source,
                                               decision.context, ("sdpa:efficient", "sdpa:flash", "sdpa:math"))
         return decision
 
-    monkeypatch.setattr(attention, "decide", kernels)
+    monkeypatch.setattr(policy, "decide", kernels)
     x, lengths = _batch()
     auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True).train()
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):

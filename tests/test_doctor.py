@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from espnet_flashcompat.doctor_text import render
+from espnet_flashcompat.doctor.text import render
 from faults import run
 from stacks import S3PRL_DIST, STACK, TORCHAUDIO_BREAKS_STOCK, only_on
 

@@ -5,7 +5,8 @@ import logging
 import pytest
 import torch
 
-from espnet_flashcompat import attention, import_s3prl
+from espnet_flashcompat import import_s3prl
+from espnet_flashcompat.attention import policy
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 from stacks import only_on
 
@@ -40,7 +41,7 @@ def test_fbank_shapes_and_native_decision():
     x, lengths = _batch()
     feats, feats_len = frontend(x, lengths)
     assert feats.shape == (3, 150, 240) and feats_len.tolist() == [150, 107, 57]
-    assert frontend.attn_decision.implementation == attention.NO_ATTENTION
+    assert frontend.attn_decision.implementation == policy.NO_ATTENTION
 
 
 def test_hf_upstream_trains_and_reloads(hf_conf):
@@ -48,7 +49,7 @@ def test_hf_upstream_trains_and_reloads(hf_conf):
     x, lengths = _batch()
     feats, feats_len = frontend(x, lengths)
     assert feats.shape == (3, 75, 32) and feats_len.tolist() == [75, 54, 29]
-    assert frontend.attn_decision.implementation == attention.SDPA
+    assert frontend.attn_decision.implementation == policy.SDPA
     feats.sum().backward()
     weight = next(frontend.upstream.parameters())
     assert weight.grad is not None
@@ -59,14 +60,14 @@ def test_hf_upstream_trains_and_reloads(hf_conf):
 
 
 def test_env_var_overrides_yaml(hf_conf, monkeypatch):
-    monkeypatch.setenv(attention.ENV_VAR, "eager")
+    monkeypatch.setenv(policy.ENV_VAR, "eager")
     frontend = S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="sdpa")
     assert (frontend.attn_decision.requested, frontend.attn_decision.source) == ("eager", "env")
-    assert attention.hf_model(frontend.upstream).config._attn_implementation == "eager"
+    assert policy.hf_model(frontend.upstream).config._attn_implementation == "eager"
 
 
 def test_strict_explicit_request_that_cannot_run_raises(hf_conf):
-    with pytest.raises(attention.AttentionUnavailableError, match="flash_attention_2"):
+    with pytest.raises(policy.AttentionUnavailableError, match="flash_attention_2"):
         S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="flash_attention_2", strict=True)
 
 
@@ -77,7 +78,7 @@ def test_explicit_request_downgrades_with_one_warning(hf_conf, caplog):
             frontend(*_batch())
     warnings = [r for r in caplog.records if r.name == "espnet_flashcompat.frontend"]
     assert len(warnings) == 1 and "flash_attention_2" in warnings[0].getMessage()
-    assert frontend.attn_decision.implementation == attention.SDPA
+    assert frontend.attn_decision.implementation == policy.SDPA
 
 
 @pytest.mark.parametrize(
@@ -132,10 +133,10 @@ def test_runtime_kernel_error_falls_back_and_reruns_the_batch(hf_conf, monkeypat
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     kernel = _FlashKernel(message)
-    real_rejection = attention._rejection
-    monkeypatch.setattr(attention, "_rejection", lambda b, *a: None if b == attention.FLASH else real_rejection(b, *a))
+    real_rejection = policy._rejection
+    monkeypatch.setattr(policy, "_rejection", lambda b, *a: None if b == policy.FLASH else real_rejection(b, *a))
     monkeypatch.setattr(PreTrainedModel, "_check_and_adjust_attn_implementation", lambda self, impl, **k: impl)
-    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, attention.FLASH, kernel)
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, policy.FLASH, kernel)
 
     def loss_of(frontend):
         torch.manual_seed(0)
@@ -145,9 +146,9 @@ def test_runtime_kernel_error_falls_back_and_reruns_the_batch(hf_conf, monkeypat
     reference = loss_of(S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="sdpa").train())
     frontend = S3prlFlashCompatFrontend(frontend_conf=hf_conf, attn_implementation="flash_attention_2", strict=strict)
     frontend.train()
-    assert frontend.attn_decision.implementation == attention.FLASH
+    assert frontend.attn_decision.implementation == policy.FLASH
     if strict:
-        with pytest.raises(attention.AttentionUnavailableError, match=message.split(" only")[0]):
+        with pytest.raises(policy.AttentionUnavailableError, match=message.split(" only")[0]):
             loss_of(frontend)
         return
     with caplog.at_level(logging.WARNING):
@@ -155,7 +156,7 @@ def test_runtime_kernel_error_falls_back_and_reruns_the_batch(hf_conf, monkeypat
         loss.backward()
         assert torch.equal(loss, reference)
         loss_of(frontend)  # stays on sdpa: the kernel is not tried again, nothing more is logged
-    assert kernel.calls == 1 and frontend.attn_decision.implementation == attention.SDPA
+    assert kernel.calls == 1 and frontend.attn_decision.implementation == policy.SDPA
     assert [r.getMessage() for r in caplog.records if message in r.getMessage()].__len__() == 1
 
 

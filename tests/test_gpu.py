@@ -1,4 +1,4 @@
-"""GPU truth (issue 5): the fallback story on a real CUDA GPU with a real flash-attn, scenarios a-e.
+"""GPU truth: the fallback story on a real CUDA GPU with a real flash-attn, scenarios a-e.
 
 Every scenario runs in a fresh interpreter (``faults.run``) with its own ``PYTHONPATH``: a healthy flash-attn
 (``$ESPNET_FLASHCOMPAT_FLASH_ATTN_DIR``, a ``pip install --target`` of a wheel built for this GPU, else the
@@ -132,7 +132,7 @@ def upstream(tmp_path_factory):
 def test_a_healthy_flash_attn_auto_forced_and_agreement(upstream, healthy_flash_attn):
     result = scenario(r'''
 from torch.profiler import ProfilerActivity, profile
-from espnet_flashcompat import guard
+from espnet_flashcompat.s3prl import guard
 
 healthy = guard.probe_flash_attn() is None
 x, n = batch()
@@ -169,7 +169,7 @@ done(healthy=healthy, auto_bf16=auto_bf16.implementation, auto_bf16_summary=auto
      all_frames_fa_vs_sdpa=rel(fa.float(), sd.float()), warnings=WARNINGS)
 ''', upstream, healthy_flash_attn)
     assert result["healthy"], "guard.probe_flash_attn() calls the healthy flash-attn broken"
-    # auto: a backend that runs here; never flash-attn for fp32 (its kernels refuse it), never eager on an H100.
+    # auto: a backend that runs here; never flash-attn for fp32 (its kernels refuse it), never eager on an H100 or H200.
     assert result["auto_bf16"].partition(":")[0] in ("flash_attention_2", "sdpa"), result["auto_bf16_summary"]
     assert result["auto_fp32"] == "sdpa" and "float32" in result["auto_fp32_summary"], result["auto_fp32_summary"]
     # forced flash_attention_2 runs flash-attn's own kernels (flash::, not PyTorch's pytorch_flash:: copy)
@@ -191,7 +191,7 @@ def dropout_upstream(tmp_path_factory):
 
 @pytest.mark.gpu
 def test_auto_calibrates_on_the_real_batch(dropout_upstream, healthy_flash_attn):
-    """Section 3 of issue 5: auto times flash_attention_2 and sdpa on the first batch of each shape bucket, keeps
+    """Measured auto: times flash_attention_2 and sdpa on the first batch of each shape bucket, keeps
     one, logs the timings once, and returns exactly what that backend returns (output, RNG); explicit choices stay."""
     result = scenario(r'''
 def step(fe, x, n):
@@ -209,7 +209,7 @@ for _ in range(2):
     step(auto, x, n)  # the same bucket: no new calibration
 with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
     auto(x, n)  # eval: a bucket of its own
-from espnet_flashcompat import sdpa_kernels
+from espnet_flashcompat.attention import sdpa_kernels
 
 forced = frontend(sdpa_kernels.backend_of(first.implementation)).train()
 with sdpa_kernels.pinned(first.implementation, strict=True):  # sdpa:<kernel>: sdpa on that kernel alone
@@ -239,7 +239,7 @@ done(first=first.implementation, measured=first.measured, summary=first.summary(
 @pytest.mark.parametrize("transformers_line", ["5.x", "4.46"])
 def test_f_switches_after_the_optimizer_exists_keep_training_the_upstream(upstream, healthy_flash_attn,
                                                                           old_transformers, transformers_line):
-    """Issue 11: the optimizer is built on the model as constructed; the first bf16 forward under auto then
+    """The optimizer is built on the model as constructed; the first bf16 forward under auto then
     calibrates (switching flash_attention_2 <-> sdpa, at least twice) and keeps one. The upstream's parameters
     must stay the same objects, and a training step must still change them."""
     pythonpath = healthy_flash_attn + ([old_transformers] if transformers_line == "4.46" else [])
@@ -312,7 +312,7 @@ def test_c_transformers_4_46_with_broken_flash_attn_on_cuda(upstream, old_transf
 
     result = scenario(r'''
 import torchaudio, transformers
-from espnet_flashcompat.guard import import_s3prl, recovered_faults
+from espnet_flashcompat.s3prl.guard import import_s3prl, recovered_faults
 
 s3prl = import_s3prl()
 fe = frontend("auto").eval()
@@ -336,7 +336,7 @@ def test_d_fp32_kernel_error_downgrades_and_training_matches_sdpa(upstream, heal
 import os
 os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # before CUDA starts: deterministic cuBLAS
 import traceback
-from espnet_flashcompat import attention
+from espnet_flashcompat.attention import policy
 
 # 1. The policy's preflight knows that flash-attn refuses fp32 and downgrades before any kernel runs.
 pre = frontend("flash_attention_2")
@@ -345,7 +345,7 @@ preflight = pre.attn_decision.summary()
 
 # 2. The kernel's own error: flash_attention_2 set on an fp32 model, called.
 raw = frontend("sdpa")
-attention.apply(raw.upstream, "flash_attention_2")
+policy.apply(raw.upstream, "flash_attention_2")
 try:
     raw.upstream.upstream.model(torch.randn(2, 16000, device="cuda"))
     kernel_error, raised_in = None, None
@@ -356,13 +356,13 @@ except RuntimeError as exc:
 #    makes the frontend switch and re-run the batch. Training must then equal a plain SDPA run, step for step
 #    (deterministic kernels; a second SDPA run measures what is left of run-to-run noise).
 torch.use_deterministic_algorithms(True, warn_only=True)
-attention.effective_dtype = lambda device, dtype: torch.bfloat16
+policy.effective_dtype = lambda device, dtype: torch.bfloat16
 fa = frontend("flash_attention_2")
 fa_losses = train(fa, 3)
 sd_losses = train(frontend("sdpa"), 3)
 sd2_losses = train(frontend("sdpa"), 3)
 done(preflight=preflight, kernel_error=kernel_error, raised_in=raised_in,
-     is_flash_kernel_error=kernel_error is not None and attention.is_flash_kernel_error(RuntimeError(kernel_error)),
+     is_flash_kernel_error=kernel_error is not None and policy.is_flash_kernel_error(RuntimeError(kernel_error)),
      after=fa.attn_decision.implementation, summary=fa.attn_decision.summary(),
      fa_losses=fa_losses, sdpa_losses=sd_losses, sdpa2_losses=sd2_losses, warnings=WARNINGS)
 ''', upstream, healthy_flash_attn)
@@ -477,7 +477,7 @@ def test_e_espnet_asr_train_on_cuda(upstream, healthy_flash_attn, tmp_path, amp)
 
 @pytest.mark.gpu
 def test_g_espnet_asr_train_on_two_gpus_agrees_and_matches_one_gpu(upstream, healthy_flash_attn, tmp_path):
-    """Issue 14: stock ``python -m espnet2.bin.asr_train --ngpu 2`` (DDP, spawned workers armed by the installed
+    """Two GPUs: stock ``python -m espnet2.bin.asr_train --ngpu 2`` (DDP, spawned workers armed by the installed
     startup hook) with auto in AMP bf16: the decision is taken across both ranks, the run finishes, and its losses
     equal a 1-GPU run's on the same global batches within noise (bf16, and another reduction order)."""
     import torch

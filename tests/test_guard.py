@@ -15,7 +15,7 @@ import json, logging, sys
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
 import torch
 from espnet_flashcompat import import_s3prl
-from espnet_flashcompat.guard import recovered_faults
+from espnet_flashcompat.s3prl.guard import recovered_faults
 s3prl = import_s3prl()
 assert import_s3prl() is s3prl
 wavs, lens = torch.randn(2, 32000), torch.tensor([32000, 20000])
@@ -82,7 +82,7 @@ def test_unrecoverable_flash_fault_names_the_cause(tiny_wav2vec2, old_transforme
     """Once flash-attn is hidden, a failure that still names it is not retried forever: it is raised, chained."""
     code = """
 import sys
-from espnet_flashcompat.guard import S3PRLImportError, import_recovering
+from espnet_flashcompat.s3prl.guard import S3PRLImportError, import_recovering
 sys.modules["flash_attn"] = None  # already hidden: a second flash fault must surface
 try:
     import_recovering("flash_attn.flash_attn_interface")
@@ -180,7 +180,7 @@ torchaudio.set_audio_backend = lambda *a, **k: None
 sys.modules["torchaudio.sox_effects"] = types.SimpleNamespace(apply_effects_tensor=None)
 import s3prl, s3prl.hub as stock
 from pathlib import Path
-from espnet_flashcompat.hub import read_index
+from espnet_flashcompat.s3prl.hub import read_index
 stock_functions = {n for n, v in vars(stock).items() if inspect.isfunction(v) and not n.startswith("_")
                    and v.__module__.endswith(".hubconf")}
 index = read_index(Path(s3prl.__file__).parent)

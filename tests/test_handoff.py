@@ -21,7 +21,8 @@ import soundfile
 import torch
 import yaml
 
-from espnet_flashcompat import handoff, handoff_verify, registry
+from espnet_flashcompat.handoff import convert as handoff, verify as handoff_verify
+from espnet_flashcompat.espnet import registry
 from faults import run
 from stacks import TORCHAUDIO_BREAKS_STOCK, only_on
 

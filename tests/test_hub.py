@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from espnet_flashcompat.hub import close_names, read_index
+from espnet_flashcompat.s3prl.hub import close_names, read_index
 
 
 def ast_index(s3prl_dir: Path) -> dict:

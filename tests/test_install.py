@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from espnet_flashcompat import registry
+from espnet_flashcompat.espnet import registry
 from stacks import TORCHAUDIO_BREAKS_STOCK
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE = ("import json, sys; r = sys.modules.get('espnet_flashcompat.registry'); "
+PROBE = ("import json, sys; r = sys.modules.get('espnet_flashcompat.espnet.registry'); "
          "print(json.dumps(dict(state=r and r.hook_state(), file=r and r.__file__, "
          "heavy=[m for m in ('torch', 'espnet2', 's3prl', 'transformers', 'logging') if m in sys.modules])))")
 

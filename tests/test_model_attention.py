@@ -20,8 +20,12 @@ import soundfile
 import torch
 import yaml
 
-from espnet_flashcompat import attention, espnet_compat, guard, model_attention, optin, relpos_sdpa
-from espnet_flashcompat.attention import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
+from espnet_flashcompat.attention import policy
+from espnet_flashcompat.espnet import espnet_compat
+from espnet_flashcompat.s3prl import guard
+from espnet_flashcompat.espnet import model_attention, optin
+from espnet_flashcompat.attention import relpos_sdpa
+from espnet_flashcompat.attention.policy import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
 from faults import run
 from stacks import only_on
 
@@ -45,7 +49,7 @@ ESPNET_FALLBACK = "Flash Attention failed, falling back"
 
 @pytest.fixture(autouse=True)
 def _no_env_request(monkeypatch):
-    for name in (optin.ENV_VAR, optin.STRICT_ENV, attention.ENV_VAR):
+    for name in (optin.ENV_VAR, optin.STRICT_ENV, policy.ENV_VAR):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -53,8 +57,8 @@ def _no_env_request(monkeypatch):
 
 
 def test_decisions_name_their_reasons():
-    flash_here = attention.flash_rejection(CPU, F32)
-    assert flash_here  # this machine has no GPU: whatever else, flash-attn cannot run on its CPU
+    flash_here = policy.flash_rejection(CPU, F32)
+    assert flash_here  # the tests' CPU-only machines: whatever else, flash-attn cannot run on its CPU
     auto = model_attention.decide("auto", model_attention.SELF, CPU, F32)
     assert (auto.implementation, auto.rejected, auto.downgraded) == (SDPA, (Rejection(FLASH, flash_here),), False)
     rel = model_attention.decide(FLASH, model_attention.REL)  # before the device is known
@@ -77,7 +81,7 @@ def test_request_from_environment_and_config(monkeypatch):
     assert optin.requested(ns(model_attn_implementation="SDPA")) == optin.Request("sdpa", "config", False)
     assert optin.requested(ns(model_attn_implementation="flash_attention_2", model_attn_strict=True)).strict
     assert optin.requested(ns(model_attn_implementation=yaml.safe_load("off"))) is None  # YAML's `off` is False
-    monkeypatch.setenv(attention.ENV_VAR, "eager")
+    monkeypatch.setenv(policy.ENV_VAR, "eager")
     assert optin.requested(ns()) is None  # the frontend's override alone does not opt the model in
     assert optin.requested(ns(model_attn_implementation="sdpa")) == optin.Request("eager", "env", False)
     monkeypatch.setenv(optin.ENV_VAR, "auto")
@@ -90,14 +94,15 @@ def test_request_from_environment_and_config(monkeypatch):
     with pytest.raises(ValueError, match="ESPNET_FLASHCOMPAT_MODEL_ATTN='fast' is not one of auto"):
         optin.requested(ns())
     monkeypatch.delenv(optin.ENV_VAR)
-    monkeypatch.delenv(attention.ENV_VAR)
+    monkeypatch.delenv(policy.ENV_VAR)
     with pytest.raises(ValueError, match="model_attn_implementation='fast'"):
         optin.requested(ns(model_attn_implementation="fast"))
 
 
-def test_task_option_exists_only_when_given(tmp_path):
+def test_task_option_exists_only_when_given(tmp_path, monkeypatch):
     from espnet2.tasks.asr import ASRTask
 
+    monkeypatch.setattr(sys, "argv", ["asr_train.py"])  # ESPnet's config parser reads sys.argv when given no args
     parser = ASRTask.get_parser()
     parsed = vars(parser.parse_args([]))
     assert optin.OPTION not in parsed and optin.STRICT_OPTION not in parsed
@@ -175,7 +180,7 @@ def test_attention_plots_still_get_their_weights(tmp_path):
 
 class _ForcedFlash(model_attention.ModelAttentionPolicy):
     """Decides flash everywhere, as the policy does on a GPU that passes its checks: on this CPU ESPnet's own flash
-    code then fails for real (flash-attn is not installed here: its functions are undefined in ESPnet's module)."""
+    code then fails for real (flash-attn is not installed in the test venv: its functions are undefined in ESPnet's module)."""
 
     def decide(self, kind, device=None, dtype=None):
         decision = model_attention.decide(self.request.backend, kind, device, dtype, self.request.source)
@@ -214,7 +219,7 @@ def test_flash_failing_at_run_time_keeps_dropout_and_reruns_on_sdpa(caplog):
         torch.manual_seed(3)
         first = _run_stack(ours, x, mask)
     ours_warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(ours_warnings) == 1 and ours_warnings[0].name == "espnet_flashcompat.model_attention"
+    assert len(ours_warnings) == 1 and ours_warnings[0].name == "espnet_flashcompat.espnet.model_attention"
     message = ours_warnings[0].getMessage()
     assert "flash-attn failed at run time; re-running the call" in message
     assert "rejected flash_attention_2: NameError: name '" in message  # the real exception, type and all
@@ -357,7 +362,7 @@ def test_relative_position_bias_is_rebuilt_in_the_backward_not_kept(monkeypatch)
 
 
 def test_doctor_reports_the_opt_in(monkeypatch):
-    from espnet_flashcompat import doctor, doctor_attention
+    from espnet_flashcompat.doctor import attention as doctor_attention, report as doctor
 
     findings = []
     add = lambda level, topic, message, fix="": findings.append((level, topic, message))  # noqa: E731
@@ -516,7 +521,7 @@ def test_strict_from_the_command_line_refuses_at_build_time(corpus, tmp_path):
 _ESPNET3 = """
 import json, sys, torch, yaml
 from espnet3.utils.task_utils import get_espnet_model, save_espnet_config
-from espnet_flashcompat import model_attention
+from espnet_flashcompat.espnet import model_attention
 task, config, out = sys.argv[1:4]
 model_config = yaml.safe_load(open(config))
 model = get_espnet_model(task, model_config)  # what espnet3.systems.base.training builds the model with
@@ -583,7 +588,7 @@ def test_gpu_fp32_runs_sdpa_with_dropout_and_no_per_module_warnings(tmp_path, ca
 _GPU_FLASH = """
 import json, sys, torch
 from espnet2.tasks.asr import ASRTask
-from espnet_flashcompat import model_attention
+from espnet_flashcompat.espnet import model_attention
 config, tokens = sys.argv[1:3]
 def build(implementation):
     argv = ["--config", config, "--token_list", tokens, "--model_attn_implementation", implementation]
@@ -689,7 +694,7 @@ def test_gpu_relative_position_lean_bias_matches_and_keeps_no_time_by_time_tenso
 _GPU_BROKEN = """
 import json, sys, torch, yaml
 from espnet2.tasks.asr import ASRTask
-from espnet_flashcompat import model_attention
+from espnet_flashcompat.espnet import model_attention
 config, tokens = sys.argv[1:3]
 args = ASRTask.get_parser().parse_args(["--config", config, "--token_list", tokens])
 model = ASRTask.build_model(args).cuda().train()

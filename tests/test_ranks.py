@@ -1,4 +1,4 @@
-"""Agreement across DDP ranks (issue 14): ``ranks.merge`` on its own, then real 2-process process groups (gloo) on
+"""Agreement across DDP ranks: ``ranks.merge`` on its own, then real 2-process process groups (gloo) on
 CPU, and on one GPU shared by two processes (gloo accepts CUDA tensors): every rank picks the same backend from
 all ranks' timings, a rank that cannot run a backend vetoes it without a deadlock, ranks on different backends
 still train one model, and calibration's extra passes never reach DDP's gradient hooks.
@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from espnet_flashcompat import attention, calibrate, ranks
-from espnet_flashcompat.calibrate import Timing
+from espnet_flashcompat.attention import calibrate, policy, ranks
+from espnet_flashcompat.attention.calibrate import Timing
 from faults import run
 
-FLASH, SDPA = attention.FLASH, attention.SDPA
-BASE = attention.AttnDecision(attention.AUTO, FLASH, contenders=(FLASH, SDPA), context="cuda:0 bfloat16")
+FLASH, SDPA = policy.FLASH, policy.SDPA
+BASE = policy.AttnDecision(policy.AUTO, FLASH, contenders=(FLASH, SDPA), context="cuda:0 bfloat16")
 
 
 def test_merge_takes_the_slowest_rank_and_lets_any_rank_veto():
@@ -28,7 +28,7 @@ def test_merge_takes_the_slowest_rank_and_lets_any_rank_veto():
     assert vetoed[FLASH] == "rank 1: Tesla T4 is sm_75"
     decision = calibrate.pick(vetoed, BASE, "train")
     assert decision.implementation == SDPA
-    assert attention.Rejection(FLASH, "failed during calibration: rank 1: Tesla T4 is sm_75") in decision.rejected
+    assert policy.Rejection(FLASH, "failed during calibration: rank 1: Tesla T4 is sm_75") in decision.rejected
     assert ranks.merge([{SDPA: Timing(SDPA, 1.0, 1)}, {}])[SDPA] == "rank 1: not a contender there"
 
 
@@ -49,8 +49,8 @@ def test_calibration_never_reaches_gradient_hooks(tiny_wav2vec2):
     x, n = torch.randn(2, 16000), torch.tensor([16000, 9000])
     from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-    timings = calibrate.measure(lambda: S3prlFrontend.forward(fe, x, n), (SDPA, attention.EAGER),
-                                lambda b: attention.apply(fe.upstream, b), fe, x.device)
+    timings = calibrate.measure(lambda: S3prlFrontend.forward(fe, x, n), (SDPA, policy.EAGER),
+                                lambda b: policy.apply(fe.upstream, b), fe, x.device)
     assert all(isinstance(t, Timing) for t in timings.values()), timings
     assert fired == [] and all(p.grad is None for p in fe.parameters())
     feats, lens = fe(x, n)
@@ -75,7 +75,7 @@ class Model(torch.nn.Module):
 def main(rank, scenario, world, init, tiny, device, out):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     import logging
-    from espnet_flashcompat import attention, ranks
+    from espnet_flashcompat.attention import policy, ranks
     from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
     logs = []
     class Keep(logging.Handler):
@@ -95,8 +95,8 @@ def main(rank, scenario, world, init, tiny, device, out):
     if scenario == "agree":
         # Rank 1 cannot run eager here (as a rank with an old GPU cannot run flash-attn): it says so.
         contenders = ("sdpa", "eager") if rank == 0 else ("sdpa",)
-        rejected = () if rank == 0 else (attention.Rejection("eager", "refused on rank 1 for this test"),)
-        base = attention.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
+        rejected = () if rank == 0 else (policy.Rejection("eager", "refused on rank 1 for this test"),)
+        base = policy.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
         decision = fe._calibrate(base, (True, 2, 32768, True), x, n, together=True)
         result.update(chosen=decision.implementation, summary=decision.summary())
     else:  # "train": ranks on different backends under DDP still train one model; "ddp_auto": auto under DDP

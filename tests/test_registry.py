@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from espnet_flashcompat import registry
+from espnet_flashcompat.espnet import registry
 from stacks import STACK
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_startup_arms_the_hook_without_heavy_imports():
     out = result_of(run_python(f"""
 import json, sys
 heavy_before = [m for m in {HEAVY!r} if m in sys.modules]
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()
 r.startup()
 hooks = [f for f in sys.meta_path if getattr(f, "_espnet_flashcompat_hook", False)]
@@ -58,7 +58,7 @@ print(json.dumps(dict(heavy_before=heavy_before, heavy=[m for m in {HEAVY!r} if 
 def test_disable_env_leaves_the_hook_unarmed():
     out = result_of(run_python("""
 import json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()
 print(json.dumps(dict(state=r.hook_state(), hooks=sum(getattr(f, "_espnet_flashcompat_hook", False) for f in sys.meta_path))))
 """, disable=True))
@@ -69,7 +69,7 @@ print(json.dumps(dict(state=r.hook_state(), hooks=sum(getattr(f, "_espnet_flashc
 def test_register_is_lazy_idempotent_and_imports_nothing():
     out = result_of(run_python(f"""
 import json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 first, second = r.register(), r.register()
 print(json.dumps(dict(first=first, second=second, heavy=[m for m in {HEAVY!r} if m in sys.modules],
                       tasks=sorted(m for m in sys.modules if m.startswith(("espnet2.tasks", "espnet3"))),
@@ -93,7 +93,7 @@ _NOT_OFFERING = ["espnet2.tasks.mt", "espnet2.tasks.hubert"]  # frontend_choices
 def test_every_module_that_offers_s3prl_gets_the_key_when_imported():
     out = result_of(run_python(f"""
 import importlib, json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend as ours
 offered, loaders = {{}}, []
@@ -124,7 +124,7 @@ print(json.dumps(dict(offered=offered, state=r.hook_state(), loaders=all(loaders
 def test_register_updates_an_already_imported_task_once():
     out = result_of(run_python("""
 import json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()  # ESPNET_FLASHCOMPAT_DISABLE=1: stays unarmed
 import espnet2.tasks.asr as asr
 before = "s3prl_flashcompat" in asr.frontend_choices.classes
@@ -148,7 +148,7 @@ def test_replace_env_makes_stock_s3prl_build_ours():
     out = result_of(run_python("""
 import json, os
 os.environ["ESPNET_FLASHCOMPAT_REPLACE_S3PRL"] = "1"
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()
 import espnet2.tasks.asr as asr
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend as ours
@@ -164,7 +164,7 @@ print(json.dumps(dict(stock=asr.frontend_choices.get_class("s3prl") is ours,
 def test_stock_st_train_accepts_the_key_only_when_armed(armed):
     proc = run_python("""
 import runpy, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 r.startup()
 sys.argv = ["st_train"] + sys.argv[1:]
 runpy.run_module("espnet2.bin.st_train", run_name="__main__", alter_sys=True)
@@ -184,7 +184,7 @@ def test_an_unimportable_frontend_stays_silent_until_asked_for():
     ``s3prl_flashcompat`` raises the real ImportError, not ESPnet's bare "--frontend must be one of"."""
     proc = run_python("""
 import json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 sys.modules["espnet_flashcompat.frontend"] = None  # importing the frontend now raises ImportError
 r.startup()
 import espnet2.tasks.uasr as uasr
@@ -210,7 +210,7 @@ print(json.dumps(dict(task=uasr.UASRTask.__name__, stock=stock, error=error, sta
 def test_startup_never_raises_in_a_broken_process():
     proc = run_python("""
 import json, sys
-import espnet_flashcompat.registry as r
+import espnet_flashcompat.espnet.registry as r
 # a meta_path that cannot take the hook (minus the one an installed .pth may have armed already)
 sys.meta_path = tuple(f for f in sys.meta_path if not getattr(f, "_espnet_flashcompat_hook", False))
 r.startup()
@@ -230,8 +230,10 @@ def test_pth_line_stays_silent_on_a_broken_install(tmp_path, damage):
     if damage == "registry raises":
         package = site_dir / "espnet_flashcompat"
         package.mkdir()
-        (package / "__init__.py").write_text((REPO / "espnet_flashcompat" / "__init__.py").read_text())
-        (package / "registry.py").write_text("raise RuntimeError('broken on purpose')\n")
+        for name in ("__init__.py", "_moved.py", "espnet/__init__.py"):
+            (package / name).parent.mkdir(exist_ok=True)
+            (package / name).write_text((REPO / "espnet_flashcompat" / name).read_text())
+        (package / "espnet" / "registry.py").write_text("raise RuntimeError('broken on purpose')\n")
     # -S: no site-packages of the running venv, so only site_dir can provide espnet_flashcompat
     proc = subprocess.run(
         [sys.executable, "-S", "-c", "import json, site, sys; site.addsitedir(sys.argv[1]); "
@@ -240,5 +242,6 @@ def test_pth_line_stays_silent_on_a_broken_install(tmp_path, damage):
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0 and proc.stderr == ""
-    expected = ["espnet_flashcompat"] if damage == "registry raises" else []
+    expected = ["espnet_flashcompat", "espnet_flashcompat._moved", "espnet_flashcompat.espnet"] \
+        if damage == "registry raises" else []
     assert json.loads(proc.stdout) == expected  # the import was really attempted, and failed quietly

@@ -3,7 +3,7 @@ and hooks, and its outputs.
 
 Each scenario is a ``check_*`` function run on the installed transformers (5.x) in-process and on transformers 4.46,
 where the switch re-points the attention classes, in a fresh interpreter. The frontend switches the way it does in
-training: ``attention.apply`` (the call the frontend makes at construction, per forward, when calibrating and when
+training: ``policy.apply`` (the call the frontend makes at construction, per forward, when calibrating and when
 flash-attn fails at run time), then its own forward, which switches back to the backend it decided on.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat import attention, transformers_compat
+from espnet_flashcompat.attention import policy, transformers_compat
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 from faults import run_python
 
@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
-def _frontend(tiny, request=attention.SDPA, upstream="hf_wav2vec2_custom"):
+def _frontend(tiny, request=policy.SDPA, upstream="hf_wav2vec2_custom"):
     conf = {"upstream": upstream, "path_or_url": str(tiny)}
     return S3prlFlashCompatFrontend(frontend_conf=conf, attn_implementation=request)
 
@@ -38,13 +38,13 @@ def _batch():
 
 def _switch_and_train(frontend, optimizer):
     """Switch to eager, then one training step: the frontend's forward switches back to sdpa first."""
-    attention.apply(frontend.upstream, attention.EAGER)
-    assert attention.hf_model(frontend.upstream).config._attn_implementation == attention.EAGER
+    policy.apply(frontend.upstream, policy.EAGER)
+    assert policy.hf_model(frontend.upstream).config._attn_implementation == policy.EAGER
     optimizer.zero_grad()
     feats, _ = frontend(*_batch())
     (feats ** 2).mean().backward()
     optimizer.step()
-    assert attention.hf_model(frontend.upstream).config._attn_implementation == attention.SDPA
+    assert policy.hf_model(frontend.upstream).config._attn_implementation == policy.SDPA
 
 
 def _moved(named_before, module):
@@ -53,12 +53,12 @@ def _moved(named_before, module):
 
 def check_optimizer_keeps_training(tiny):
     frontend = _frontend(tiny).train()
-    model = attention.hf_model(frontend.upstream)
+    model = policy.hf_model(frontend.upstream)
     ids = [id(p) for p in model.parameters()]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.SGD(frontend.parameters(), lr=0.1)
     _switch_and_train(frontend, optimizer)
-    live = attention.hf_model(frontend.upstream)  # the model the forward ran
+    live = policy.hf_model(frontend.upstream)  # the model the forward ran
     trained = {n for n, p in live.named_parameters() if p.grad is not None and p.grad.any()}
     assert any(".attention.q_proj." in n for n in trained)
     assert _moved(before, live) == trained
@@ -70,27 +70,27 @@ def check_houlsby_adapter_survives_and_trains(tiny):
 
     frontend = _frontend(tiny).train()
     create_houlsby_adapter(torch.nn.ModuleDict({"frontend": frontend}), bottleneck=8)  # wants an ESPnet model
-    layers = attention.hf_model(frontend.upstream).encoder.layers
+    layers = policy.hf_model(frontend.upstream).encoder.layers
     adapters = [layer.adapter_layer for layer in layers]
     assert all(type(a).__name__ == "Houlsby_Adapter" for a in adapters)
     before = [{n: p.detach().clone() for n, p in a.named_parameters()} for a in adapters]
     optimizer = torch.optim.SGD(frontend.parameters(), lr=0.1)
     _switch_and_train(frontend, optimizer)
-    assert [layer.adapter_layer for layer in attention.hf_model(frontend.upstream).encoder.layers] == adapters
+    assert [layer.adapter_layer for layer in policy.hf_model(frontend.upstream).encoder.layers] == adapters
     for adapter, weights in zip(adapters, before):
         assert _moved(weights, adapter) == set(weights)
 
 
 def check_frozen_layer_and_hook_survive(tiny):
     frontend = _frontend(tiny).train()
-    model = attention.hf_model(frontend.upstream)
+    model = policy.hf_model(frontend.upstream)
     frozen = model.encoder.layers[0].requires_grad_(False)
     before = {n: p.detach().clone() for n, p in frozen.named_parameters()}
     hooked, seen = model.encoder.layers[1].attention, []
     hooked.register_forward_hook(lambda module, args, out: seen.append(module))
     optimizer = torch.optim.SGD(frontend.parameters(), lr=0.1)  # as ESPnet: all parameters, the frozen ones idle
     _switch_and_train(frontend, optimizer)
-    frozen = attention.hf_model(frontend.upstream).encoder.layers[0]
+    frozen = policy.hf_model(frontend.upstream).encoder.layers[0]
     assert not any(p.requires_grad for p in frozen.parameters())
     assert not _moved(before, frozen)
     assert seen == [hooked]
@@ -98,8 +98,8 @@ def check_frozen_layer_and_hook_survive(tiny):
 
 def check_outputs_equal_after_switch(tiny, upstream):
     """Eager (chosen at construction) against sdpa (switched to, then the forward that calibration times)."""
-    frontend = _frontend(tiny, attention.EAGER, upstream).eval()
-    layers = attention.hf_model(frontend.upstream).encoder.layers
+    frontend = _frontend(tiny, policy.EAGER, upstream).eval()
+    layers = policy.hf_model(frontend.upstream).encoder.layers
     outputs = []
     for layer in layers:
         layer.attention.register_forward_hook(lambda module, args, out: outputs.append(out[0]))
@@ -108,7 +108,7 @@ def check_outputs_equal_after_switch(tiny, upstream):
         eager, eager_lengths = frontend(*_batch())
         assert kernel.call_count == 0 and len(outputs) == len(layers)
         eager_outputs, outputs[:] = outputs[:], []
-        attention.apply(frontend.upstream, attention.SDPA)
+        policy.apply(frontend.upstream, policy.SDPA)
         switched, switched_lengths = S3prlFrontend.forward(frontend, *_batch())
         assert kernel.call_count == len(layers) == len(outputs)
     assert torch.equal(switched_lengths, eager_lengths)
@@ -119,14 +119,14 @@ def check_outputs_equal_after_switch(tiny, upstream):
 
 def check_legacy_switch_matches_a_model_built_for_the_backend(tiny):
     """transformers 4.4x: after each switch the model holds exactly the state of one built for that backend."""
-    frontend = _frontend(tiny, attention.EAGER)
-    model = attention.hf_model(frontend.upstream)
+    frontend = _frontend(tiny, policy.EAGER)
+    model = policy.hf_model(frontend.upstream)
     # CPU has no flash-attn, and transformers' availability check says so: this checks the switch, not the kernel.
     type(model)._check_and_enable_flash_attn_2 = classmethod(lambda cls, config, **kwargs: config)
-    for implementation in (attention.FLASH, attention.SDPA, attention.EAGER):
-        attention.apply(frontend.upstream, implementation)
+    for implementation in (policy.FLASH, policy.SDPA, policy.EAGER):
+        policy.apply(frontend.upstream, implementation)
         built = type(model)._from_config(model.config, attn_implementation=implementation)
-        assert attention.hf_model(frontend.upstream) is model
+        assert policy.hf_model(frontend.upstream) is model
         assert model.config._attn_implementation == implementation
         for ours, theirs in zip(model.modules(), built.modules()):
             assert type(ours).__name__ == type(theirs).__name__  # weight norm makes a class per instance
@@ -139,14 +139,14 @@ def _plain_state(module):
 
 def check_legacy_switch_refuses_what_it_cannot_keep(tiny):
     """transformers 4.4x: an attention class it does not know is refused, and the model is left as it was."""
-    frontend = _frontend(tiny, attention.EAGER)
-    model = attention.hf_model(frontend.upstream)
+    frontend = _frontend(tiny, policy.EAGER)
+    model = policy.hf_model(frontend.upstream)
     attention_module = model.encoder.layers[1].attention
     attention_module.__class__ = type("MyAttention", (type(attention_module),), {})
     classes = [type(m) for m in model.modules()]
     with pytest.raises(transformers_compat.InPlaceSwitchError, match="MyAttention subclasses a transformers"):
-        attention.apply(frontend.upstream, attention.SDPA)
-    assert attention.hf_model(frontend.upstream) is model and model.config._attn_implementation == attention.EAGER
+        policy.apply(frontend.upstream, policy.SDPA)
+    assert policy.hf_model(frontend.upstream) is model and model.config._attn_implementation == policy.EAGER
     assert [type(m) for m in model.modules()] == classes
 
 

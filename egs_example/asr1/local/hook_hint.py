@@ -17,7 +17,7 @@ def cause() -> str:
     python = sys.executable
     try:
         import espnet_flashcompat
-        from espnet_flashcompat import registry
+        from espnet_flashcompat.espnet import registry
     except Exception as exc:  # not installed, or broken
         return (f"espnet-flashcompat cannot be imported by {python} ({type(exc).__name__}: {exc}): install it into "
                 "this Python (pip install -e <repo root>), or run with the venv that has it (then check it with "

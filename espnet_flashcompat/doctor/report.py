@@ -1,12 +1,12 @@
-"""What state this machine's S3PRL stack is in, as the other modules see it: ``espnet-flashcompat doctor``.
+"""What state this environment's S3PRL stack is in, as the other modules see it: ``espnet-flashcompat doctor``.
 
-``gather()`` asks ``guard``, ``hub``, ``registry`` and ``espnet_compat`` (and, through ``doctor_attention``,
-``attention`` and ``model_attention``) and writes down their answers; it decides nothing of its own.
-``doctor_text.render()`` turns the report into the human table.
+``gather()`` asks ``guard``, ``hub``, ``registry`` and ``espnet_compat`` (and, through ``doctor.attention``,
+the attention ``policy`` and ``model_attention``) and writes down their answers; it decides nothing of its own.
+``text.render()`` turns the report into the human table.
 
 Exit codes (also ``report["exit_code"]``), from the findings' levels:
 
-- **2 broken**, any ``error``: the frontend cannot be built here. S3PRL is unusable (``guard.import_s3prl()``
+- **2 broken**, any ``error``: the frontend cannot be built in this environment. S3PRL is unusable (``guard.import_s3prl()``
   raises: s3prl, transformers or torch missing, or an unrecoverable import fault); ESPnet is not installed;
   ``espnet_flashcompat.frontend`` cannot be imported; no installed ESPnet task offers ``s3prl_flashcompat``;
   ``ESPNET_FLASHCOMPAT_ATTN`` holds an invalid value; or the upstream named with ``--upstream`` cannot be
@@ -36,7 +36,7 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
     torch            {version, cuda_build, cuda_available, error}
     devices          [{device, name, capability, backends, auto, auto_contenders}]
                      device "cpu" or "cuda:N"; capability "8.0" or null; each judged in bfloat16 on the tiny
-                     HF model by attention.decide: backends = {flash_attention_2|sdpa|eager: {ok, reason}},
+                     HF model by policy.decide: backends = {flash_attention_2|sdpa|eager: {ok, reason}},
                      auto = what attn_implementation auto picks there (null when no decision could be made);
                      auto_contenders = the backends it times on the first batches there ([] when it need not)
     flash_attn       {installed, version, location, importable, error: diagnosis|null,
@@ -79,13 +79,12 @@ import sys
 from typing import Dict, List, Optional
 
 import espnet_flashcompat
-from espnet_flashcompat import guard
-from espnet_flashcompat.hub import close_names, upstream_of
+from espnet_flashcompat.doctor.findings import (  # noqa: F401  (the levels and codes are part of the report's API)
+    BROKEN, DEGRADED, ERROR, FALLBACK, HEALTHY, STATUS, WARNING, at, exit_code)
+from espnet_flashcompat.s3prl import guard
+from espnet_flashcompat.s3prl.hub import close_names, upstream_of
 
 SCHEMA_VERSION = 2
-HEALTHY, DEGRADED, BROKEN = 0, 1, 2
-STATUS = {HEALTHY: "healthy", DEGRADED: "degraded", BROKEN: "broken"}
-ERROR, FALLBACK, WARNING = "error", "degraded", "warning"  # finding levels
 DEFAULT_UPSTREAM = "hf_wav2vec2_custom"
 
 
@@ -103,7 +102,7 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     report["flash_attn"] = _flash_attn(add)
     report["torch"] = _torch()
     report["s3prl"] = _s3prl(add, quick, upstream, probed=report["flash_attn"]["error"])
-    from espnet_flashcompat import doctor_attention as attention  # it takes this module's finding levels
+    from espnet_flashcompat.doctor import attention
 
     report["attention"] = attention.env_override(add)
     model = attention.tiny_hf_upstream(add) if report["s3prl"]["usable"] else None
@@ -119,11 +118,6 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     return report
 
 
-def exit_code(findings: List[dict]) -> int:
-    levels = {f["level"] for f in findings}
-    return BROKEN if ERROR in levels else DEGRADED if FALLBACK in levels else HEALTHY
-
-
 # ----------------------------------------------------------------------------------------------- facts
 
 
@@ -135,15 +129,11 @@ def _version(dist: str) -> Optional[str]:
 
 
 def _cause(diagnosis) -> str:
-    return diagnosis.error + _at(diagnosis.where)
-
-
-def _at(where: Optional[str]) -> str:
-    return f" (at {where})" if where else ""
+    return diagnosis.error + at(diagnosis.where)
 
 
 def _hook_state(add) -> dict:
-    from espnet_flashcompat import registry
+    from espnet_flashcompat.espnet import registry
 
     state = registry.hook_state()
     fix = "install the package (pip install . or pip install -e . in its checkout): it puts the .pth into site-packages"
@@ -201,7 +191,7 @@ def _torch() -> dict:
 def _s3prl(add, quick: bool, upstream: Optional[str], probed: Optional[dict]) -> dict:
     """``probed``: the flash probe's diagnosis. Probing hides a broken flash-attn and so records it in
     ``guard.recovered_faults()`` too; ``recovered`` leaves it out, keeping the faults import_s3prl() met."""
-    from espnet_flashcompat.espnet_compat import s3prl_distribution
+    from espnet_flashcompat.espnet.espnet_compat import s3prl_distribution
 
     distribution, version = s3prl_distribution() or (None, None)
     info = {"distribution": distribution, "version": version, "usable": False, "error": None, "recovered": [],
@@ -215,7 +205,7 @@ def _s3prl(add, quick: bool, upstream: Optional[str], probed: Optional[dict]) ->
     finally:
         info["recovered"] = [d.as_dict() for d in guard.recovered_faults() if d.as_dict() != probed]
         for d in info["recovered"]:  # the probe imported flash-attn's kernels, but S3PRL's import met it broken
-            add(FALLBACK, "flash_attn", f"importing S3PRL met a broken flash-attn: {d['error']}{_at(d['where'])}; "
+            add(FALLBACK, "flash_attn", f"importing S3PRL met a broken flash-attn: {d['error']}{at(d['where'])}; "
                 "it is hidden and HF upstreams fall back to SDPA", d["hint"])
     info["usable"] = True
     hub = s3prl.hub
@@ -277,7 +267,7 @@ def _espnet(add, quick: bool) -> dict:
     if not info["installed"]:
         add(ERROR, "espnet", "ESPnet is not installed: s3prl_flashcompat is an ESPnet frontend", "pip install espnet")
         return info
-    from espnet_flashcompat import espnet_compat, registry
+    from espnet_flashcompat.espnet import espnet_compat, registry
 
     try:
         importlib.import_module(registry.FRONTEND.partition(":")[0])

@@ -1,28 +1,28 @@
-"""The attention part of ``espnet-flashcompat doctor``: what the policies decide on this machine's devices.
+"""The attention part of ``espnet-flashcompat doctor``: what the policies decide on each visible device.
 
-For the S3PRL frontend, ``attention.decide`` is asked, per device in bfloat16, about a tiny random HF wav2vec2 built
+For the S3PRL frontend, ``policy.decide`` is asked, per device in bfloat16, about a tiny random HF wav2vec2 built
 through S3PRL (each backend forced, and ``auto``); for ESPnet's own attention, ``model_attention.doctor_state()``.
 Also the ``ESPNET_FLASHCOMPAT_ATTN`` override and the frontend YAML to recommend. Reports only: each function
-writes down an answer and adds findings through ``doctor``'s ``add``, at ``doctor``'s levels.
+writes down an answer and adds findings through ``report``'s ``add``, at the levels of ``findings``.
 """
 
 import tempfile
 from typing import List
 
-from espnet_flashcompat import guard
-from espnet_flashcompat.doctor import ERROR, WARNING
+from espnet_flashcompat.s3prl import guard
+from espnet_flashcompat.doctor.findings import ERROR, WARNING
 
 PROBE_DTYPE = "bfloat16"
-_BACKENDS = ("flash_attention_2", "sdpa", "eager")  # attention.FLASH, SDPA, EAGER (attention needs torch)
+_BACKENDS = ("flash_attention_2", "sdpa", "eager")  # policy.FLASH, SDPA, EAGER (attention needs torch)
 _NEEDS_PATH = ("_custom", "_local", "_url")  # upstreams that load from frontend_conf.path_or_url
 
 
 def env_override(add) -> dict:
     info = {"env_override": None, "env_error": None, "decided_on": None, "implementation": None}
     try:
-        from espnet_flashcompat import attention
+        from espnet_flashcompat.attention import policy
 
-        request, source = attention.requested_backend(attention.AUTO)
+        request, source = policy.requested_backend(policy.AUTO)
     except ValueError as exc:
         info["env_error"] = str(exc)
         add(ERROR, "attention", f"{exc}: every s3prl_flashcompat frontend refuses to build",
@@ -32,8 +32,8 @@ def env_override(add) -> dict:
         return info
     if source == "env":
         info["env_override"] = request
-        add(WARNING, "attention", f"{attention.ENV_VAR}={request} overrides attn_implementation in every YAML",
-            f"unset {attention.ENV_VAR} to let the YAML decide")
+        add(WARNING, "attention", f"{policy.ENV_VAR}={request} overrides attn_implementation in every YAML",
+            f"unset {policy.ENV_VAR} to let the YAML decide")
     return info
 
 
@@ -46,7 +46,7 @@ def tiny_hf_upstream(add):
             path = make_tiny_hf_upstream(tmp, hidden_size=32, num_layers=1, num_heads=2)
             return guard.import_s3prl().S3PRLUpstream("hf_wav2vec2_custom", path_or_url=str(path))
     except Exception as exc:
-        add(WARNING, "attention", f"could not build a tiny hf_wav2vec2_custom upstream to ask attention.decide: "
+        add(WARNING, "attention", f"could not build a tiny hf_wav2vec2_custom upstream to ask policy.decide: "
             f"{guard.one_line(exc)}", "attn_implementation: auto still decides at run time")
         return None
 
@@ -56,7 +56,7 @@ def devices(model, torch_info: dict) -> List[dict]:
     if torch_info["cuda_available"] or model is not None:  # either means torch imports
         import torch
 
-        from espnet_flashcompat import attention
+        from espnet_flashcompat.attention import policy
     if torch_info["cuda_available"]:
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
@@ -68,11 +68,11 @@ def devices(model, torch_info: dict) -> List[dict]:
             continue
         where, dtype = torch.device(device["device"]), getattr(torch, PROBE_DTYPE)
         for backend in _BACKENDS:
-            decision = attention.decide(backend, model, where, dtype)
+            decision = policy.decide(backend, model, where, dtype)
             reasons = [r.reason for r in decision.rejected if r.backend == backend]
             device["backends"][backend] = {"ok": decision.implementation == backend,
                                            "reason": reasons[0] if reasons else None}
-        auto = attention.decide(attention.AUTO, model, where, dtype)
+        auto = policy.decide(policy.AUTO, model, where, dtype)
         device["auto"], device["auto_contenders"] = auto.implementation, list(auto.contenders)
     return devices
 
@@ -80,9 +80,10 @@ def devices(model, torch_info: dict) -> List[dict]:
 def model_attention(add, devices: List[dict]) -> dict:
     """The opt-in model-wide policy for ESPnet's own attention: ESPNET_FLASHCOMPAT_MODEL_ATTN, and its decisions."""
     try:
-        from espnet_flashcompat import model_attention, optin
+        from espnet_flashcompat.espnet import model_attention, optin
 
         state = model_attention.doctor_state([d["device"] for d in devices])
+        state["tasks_wrapped"] = sorted(optin.wrapped_tasks())
     except Exception as exc:  # torch or ESPnet missing: their own sections say why
         return {"error": guard.one_line(exc)}
     if state["env_error"]:

@@ -1,4 +1,4 @@
-"""The proof step of ``espnet-flashcompat to-stock`` (``handoff``): stock ESPnet loads the output as the plugin
+"""The proof step of ``espnet-flashcompat to-stock`` (``convert``): stock ESPnet loads the output as the plugin
 loads SRC.
 
 ``verify()`` builds, strictly loads and runs both sides on CPU, at once, each in a fresh interpreter (``probe``):
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List, NamedTuple, Tuple
 
-from espnet_flashcompat.registry import DISABLE_ENV, REPLACE_ENV
+from espnet_flashcompat.espnet.registry import DISABLE_ENV, REPLACE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ PLUGIN_FRONTEND = "espnet_flashcompat.frontend.S3prlFlashCompatFrontend"
 # Two float32 runs of the same weights that differ only in the attention kernel agree to rounding: plugin eager against
 # stock SDPA on the tests' tiny model, max abs diff 6e-7 on values of order 1. Wrong weights differ by the values.
 RTOL, ATOL = 1e-4, 1e-5
-_PROBE = "import sys; from espnet_flashcompat.handoff_verify import probe; probe(*sys.argv[1:])"
+_PROBE = "import sys; from espnet_flashcompat.handoff.verify import probe; probe(*sys.argv[1:])"
 
 
 class HandoffError(Exception):

@@ -1,10 +1,10 @@
-"""One attention policy for ESPnet's own attention modules, model-wide (issue 12); ``optin`` says when it applies.
+"""One attention policy for ESPnet's own attention modules, model-wide; ``optin`` and ``request`` say when it applies.
 
 Job: ``apply()`` puts every ``MultiHeadedAttention``, ``RelPositionMultiHeadedAttention`` and
 ``LegacyRelPositionMultiHeadedAttention`` of a built ESPnet model (Transformer, Conformer, (E-)Branchformer
 encoders, Transformer decoder; our S3PRL frontend has its own policy) under one ``ModelAttentionPolicy``: each
 attends with the backend ``decide()`` picks for its kind, device and dtype in effect (autocast included):
-flash-attn only where it really imports, on CUDA sm_80+ and in fp16/bf16 (``attention.flash_rejection``, shared
+flash-attn only where it really imports, on CUDA sm_80+ and in fp16/bf16 (``attention.policy.flash_rejection``, shared
 with the frontend's policy), and only for ``selfattn`` (relative-position attention has no flash path); else SDPA;
 eager only when asked for. ``auto`` takes the first that passes; an explicit request is downgraded (one warning),
 or refused under ``strict``.
@@ -30,10 +30,12 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from espnet_flashcompat import attention, espnet_compat, optin, relpos_sdpa
-from espnet_flashcompat.attention import AUTO, EAGER, FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
-from espnet_flashcompat.guard import one_line
-from espnet_flashcompat.optin import Request
+from espnet_flashcompat.attention import policy as frontend_policy
+from espnet_flashcompat.espnet import espnet_compat
+from espnet_flashcompat.attention import relpos_sdpa
+from espnet_flashcompat.attention.policy import AUTO, EAGER, FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
+from espnet_flashcompat.s3prl.errors import one_line
+from espnet_flashcompat.espnet.request import ENV_VAR as MODEL_ENV_VAR, OPTION, Request, STRICT_ENV, origin, requested
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def describe(decision: AttnDecision) -> str:
     """``AttnDecision.summary()``, naming where the request came from."""
     text = replace(decision, source="config").summary()
     return text.replace(f"(requested {decision.requested}", f"(requested {decision.requested} by "
-                                                             f"{optin.origin(decision.source)}", 1)
+                                                             f"{origin(decision.source)}", 1)
 
 
 def rejection(backend: str, kind: str, device=None, dtype=None) -> Optional[str]:
@@ -61,7 +63,7 @@ def rejection(backend: str, kind: str, device=None, dtype=None) -> Optional[str]
         return None if sdpa else f"torch {torch.__version__} has no scaled_dot_product_attention"
     if kind == REL:
         return "ESPnet's relative-position attention has no flash-attn path (its positional term is a per-query bias)"
-    reason = attention.flash_rejection(device, dtype)
+    reason = frontend_policy.flash_rejection(device, dtype)
     if reason is None and not any(hasattr(sys.modules.get(c.__module__), "flash_attn_varlen_func")
                                   for c in espnet_compat.attention_classes()):
         return "ESPnet's attention module was imported while flash-attn could not be (restart the process)"
@@ -143,7 +145,7 @@ class _PolicyAttention:
             self.attn = None
         policy, kind = self._flashcompat_policy, self._flashcompat_kind
         device = query.device
-        dtype = attention.effective_dtype(device, query.dtype)
+        dtype = frontend_policy.effective_dtype(device, query.dtype)
         backend = policy.decision_for(kind, device, dtype).implementation
         if backend == FLASH:
             _set_backend(self, FLASH)
@@ -258,7 +260,7 @@ def apply(model: torch.nn.Module, request: Request,
     for module in targets:
         policy.modules[module._flashcompat_kind] = policy.modules.get(module._flashcompat_kind, 0) + 1
     logger.info("espnet-flashcompat: model attention policy (requested %s by %s%s) on %s modules; the backend is "
-                "decided per device and dtype at the first forward", request.backend, optin.origin(request.source),
+                "decided per device and dtype at the first forward", request.backend, origin(request.source),
                 ", strict" if request.strict else "", ", ".join(f"{n} {k}" for k, n in sorted(policy.modules.items())))
     for kind in sorted(policy.modules):  # what is known before the device: strict, a broken flash-attn, ...
         decision = policy.decide(kind)
@@ -277,11 +279,11 @@ def policy_of(model: torch.nn.Module) -> Optional[ModelAttentionPolicy]:
 
 def doctor_state(devices=("cpu",)) -> dict:
     """The opt-in as this process sees it and what it decides on each device, for ``espnet-flashcompat doctor``."""
-    state = {"env": os.environ.get(optin.ENV_VAR) or None, "env_error": None, "option": optin.OPTION,
-             "strict_env": bool(os.environ.get(optin.STRICT_ENV)), "opted_in_by_env": False, "requested": None,
-             "tasks_wrapped": sorted(optin.wrapped_tasks()), "decisions": []}
+    state = {"env": os.environ.get(MODEL_ENV_VAR) or None, "env_error": None, "option": OPTION,
+             "strict_env": bool(os.environ.get(STRICT_ENV)), "opted_in_by_env": False,
+             "requested": None, "decisions": []}
     try:
-        request = optin.requested(None)
+        request = requested(None)
     except ValueError as exc:
         state["env_error"] = str(exc)
         return state

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from espnet_flashcompat import guard, sdpa_kernels, transformers_compat
+from espnet_flashcompat.s3prl import guard
+from espnet_flashcompat.attention import sdpa_kernels, transformers_compat
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,7 @@
 """When the model-wide attention policy (``model_attention``) applies: how the user asks, and the ESPnet task
-wrappers that read it. Without the opt-in, ESPnet's behaviour, options, configs and models are stock.
+wrappers that read it: ``install(module)``. Without the opt-in, ESPnet's behaviour, options, configs and models are stock.
 
-How the user asks, by precedence:
-
-- ``ESPNET_FLASHCOMPAT_MODEL_ATTN=auto|flash_attention_2|sdpa|eager|off`` (``off``: stock, whatever the YAML says);
-- ``model_attn_implementation: ...`` in the recipe YAML (or ``--model_attn_implementation``), read by stock
-  ``espnet2.bin.*_train`` and, through the saved ``config.yaml``, by ``*_inference``; in an ESPnet3 recipe under
-  ``model:``. ``ESPNET_FLASHCOMPAT_ATTN`` (the frontend's override) overrides the YAML value, as for the frontend;
-- ``model_attn_strict: true`` or ``ESPNET_FLASHCOMPAT_MODEL_ATTN_STRICT=1``: refuse instead of downgrading an
-  explicit request (``attention.AttentionUnavailableError``).
+How the user asks is ``request``'s job (the environment, ``model_attn_implementation``, ``model_attn_strict``).
 
 ``install(module)``: ``registry`` hands over each ESPnet task module right after it executes. ``AbsTask.get_parser``
 gains the two options with ``default=argparse.SUPPRESS``: they are in the parsed ``args``, and so in the saved
@@ -22,54 +15,14 @@ the YAML as a Namespace); only a stock parser given it with ``--config`` refuses
 
 import argparse
 import functools
-import os
-from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
-from espnet_flashcompat import attention
+from espnet_flashcompat.attention import policy
+from espnet_flashcompat.espnet.request import (  # noqa: F401  (re-exported: where they were first defined)
+    CHOICES, ENV_VAR, MODEL_ENV, OFF, OPTION, STRICT_ENV, STRICT_OPTION, Request, origin, requested)
 
-ENV_VAR, STRICT_ENV = "ESPNET_FLASHCOMPAT_MODEL_ATTN", "ESPNET_FLASHCOMPAT_MODEL_ATTN_STRICT"
-OPTION, STRICT_OPTION = "model_attn_implementation", "model_attn_strict"
-OFF = "off"
-CHOICES = attention.CHOICES + (OFF,)
-MODEL_ENV = "model-env"  # AttnDecision.source when ESPNET_FLASHCOMPAT_MODEL_ATTN asked ("env": ESPNET_FLASHCOMPAT_ATTN)
 _WRAPPED = "_espnet_flashcompat_wrapped"
-_TRUE = ("1", "true", "yes", "on")
 _wrapped_tasks: List[str] = []
-
-
-@dataclass(frozen=True)
-class Request:
-    backend: str  # auto | flash_attention_2 | sdpa | eager
-    source: str  # "config" (YAML / --option), "env" (ESPNET_FLASHCOMPAT_ATTN) or MODEL_ENV
-    strict: bool = False
-
-
-def requested(args=None) -> Optional[Request]:
-    """What the user asks (None: not asked, or ``off``), from the environment and ``args`` (the task's parsed
-    options, a config.yaml read back, or ESPnet3's ``model:``); an invalid value raises ValueError."""
-    env, configured = os.environ.get(ENV_VAR, "").strip(), getattr(args, OPTION, None)
-    if env:
-        value, source, where = env, MODEL_ENV, ENV_VAR
-    elif configured is not None:  # YAML reads a bare `off` as False
-        value, source, where = OFF if configured is False else str(configured), "config", OPTION
-        if os.environ.get(attention.ENV_VAR, "").strip() and value.lower() != OFF:  # it never opts in
-            value, source, where = os.environ[attention.ENV_VAR].strip(), "env", attention.ENV_VAR
-    else:
-        return None
-    value = value.lower()
-    if value not in CHOICES:
-        raise ValueError(f"{where}={value!r} is not one of {', '.join(CHOICES)}")
-    if value == OFF:
-        return None
-    strict = (os.environ.get(STRICT_ENV, "").strip().lower() in _TRUE
-              or str(getattr(args, STRICT_OPTION, False)).strip().lower() in _TRUE)
-    return Request(value, source, strict)
-
-
-def origin(source: str) -> str:
-    """Where a request of ``source`` came from, as the user writes it."""
-    return {"env": attention.ENV_VAR, MODEL_ENV: ENV_VAR}.get(source, OPTION)
 
 
 def install(module) -> None:
@@ -117,7 +70,7 @@ def _build_model(original, cls, args, *rest, **kwargs):
     model = original(cls, args, *rest, **kwargs)
     request = requested(args)
     if request is not None:
-        from espnet_flashcompat import model_attention
+        from espnet_flashcompat.espnet import model_attention  # torch and ESPnet's attention: only when asked
 
         model_attention.apply(model, request)
     return model
@@ -131,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(f"--{OPTION}", choices=CHOICES, default=argparse.SUPPRESS,
                        help="attention backend of ESPnet's attention modules, decided per device and dtype (auto: "
                             "flash_attention_2 where it can run, else sdpa). Unset: stock ESPnet. "
-                            f"{ENV_VAR} overrides it; {attention.ENV_VAR} overrides its value.")
+                            f"{ENV_VAR} overrides it; {policy.ENV_VAR} overrides its value.")
     group.add_argument(f"--{STRICT_OPTION}", type=_str2bool, default=argparse.SUPPRESS,
                        help=f"fail instead of downgrading an explicit {OPTION} (or {STRICT_ENV}=1)")
 

@@ -18,11 +18,11 @@ frontend too, for configs one cannot edit. ``hook_state()`` reports all this for
 import os
 import sys
 
-from espnet_flashcompat.espnet_compat import TASK_PACKAGES
+from espnet_flashcompat.espnet.espnet_compat import TASK_PACKAGES
 
 KEY, STOCK_KEY = "s3prl_flashcompat", "s3prl"
 FRONTEND = "espnet_flashcompat.frontend:S3prlFlashCompatFrontend"
-OPTIN = "espnet_flashcompat.optin"  # install(module): wraps the task classes for the opt-in model attention policy
+OPTIN = "espnet_flashcompat.espnet.optin"  # install(module): wraps the task classes for the opt-in model attention policy
 DISABLE_ENV = "ESPNET_FLASHCOMPAT_DISABLE"
 REPLACE_ENV = "ESPNET_FLASHCOMPAT_REPLACE_S3PRL"
 _WATCHED = tuple(package + "." for package in TASK_PACKAGES)
@@ -31,7 +31,7 @@ _WATCHED = tuple(package + "." for package in TASK_PACKAGES)
 # lines that start with "import"; the exec'd try/except keeps even a broken install silent.
 PTH_NAME = "espnet_flashcompat.pth"
 PTH_LINE = (
-    "import sys; exec('try: import espnet_flashcompat.registry as _r; _r.startup()\\n"
+    "import sys; exec('try: import espnet_flashcompat.espnet.registry as _r; _r.startup()\\n"
     "except Exception: pass')\n"
 )
 

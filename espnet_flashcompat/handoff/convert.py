@@ -11,7 +11,7 @@ SRC is an experiment's ``config.yaml`` (or its folder) with the model file besid
 file ``asr.sh`` decodes with, unless ``--model`` names another; or a zip made by ``espnet2.bin.pack``, which gives a
 zip with the same members, ``config.yaml`` alone rewritten, so that the paths it holds into the zip stay valid.
 
-Nothing is written to OUT before ``handoff_verify`` proves, on CPU in two fresh interpreters, that stock ESPnet
+Nothing is written to OUT before ``verify`` proves, on CPU in two fresh interpreters, that stock ESPnet
 (plugin off) builds and strictly loads the output, and runs it to the same frontend and encoder outputs as the
 plugin gets from SRC. Exit codes (see ``cli``): 0 written and verified, 1 verification failed (nothing written),
 2 SRC refused.
@@ -30,9 +30,9 @@ from typing import Dict, List, NamedTuple, Optional, Tuple
 import yaml
 
 from espnet_flashcompat import __version__
-from espnet_flashcompat.handoff_verify import STOCK_FRONTEND, HandoffError, Verification, verify
-from espnet_flashcompat.handoff_verify import VerificationFailed  # noqa: F401  (raised by verify; part of this API)
-from espnet_flashcompat.registry import DISABLE_ENV, KEY, STOCK_KEY
+from espnet_flashcompat.handoff.verify import STOCK_FRONTEND, HandoffError, Verification, verify
+from espnet_flashcompat.handoff.verify import VerificationFailed  # noqa: F401  (raised by verify; part of this API)
+from espnet_flashcompat.espnet.registry import DISABLE_ENV, KEY, STOCK_KEY
 
 logger = logging.getLogger(__name__)
 

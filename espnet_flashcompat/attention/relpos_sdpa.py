@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from espnet_flashcompat.guard import one_line
+from espnet_flashcompat.s3prl.errors import one_line
 
 logger = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from espnet_flashcompat.attention import AttnDecision, Rejection
-from espnet_flashcompat.guard import one_line
+from espnet_flashcompat.attention.policy import AttnDecision, Rejection
+from espnet_flashcompat.s3prl.errors import one_line
 
 REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
 CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE of each other
@@ -28,7 +28,7 @@ MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
 STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: else it may not stay within 2%
 # Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
-# settled), and two backends within a few percent of each other there may swap places a minute later (issue 13).
+# settled), and two backends within a few percent of each other there may swap places a minute later (measured on an H200 with torch 2.11: docs/benchmarks.md).
 RECHECK_AFTER = 50
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable, Dict, Iterable, List, Optional, Union
 
-from espnet_flashcompat.guard import S3PRLImportError
+from espnet_flashcompat.s3prl.errors import S3PRLImportError
 
 _UNREGISTERED_SUFFIXES = ("_local", "_url", "_gdriveid", "_custom")
 # A top-level ``def name(`` or ``from module import names`` (parenthesised over lines, or continued with "\\"),

@@ -21,53 +21,18 @@ import logging
 import os
 import sys
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import ModuleType
 from typing import List, Optional
 
-from espnet_flashcompat import espnet_compat
+from espnet_flashcompat.espnet import espnet_compat
+from espnet_flashcompat.s3prl.errors import (  # noqa: F401  (re-exported: guard's API)
+    FLASH_ATTN, NOT_INSTALLED, OTHER, UPSTREAM_DEPENDENCY, Diagnosis, S3PRLImportError, one_line)
 
 logger = logging.getLogger(__name__)
 
-FLASH_ATTN = "flash_attn"
-UPSTREAM_DEPENDENCY = "upstream_dependency"
-NOT_INSTALLED = "not_installed"
-OTHER = "other"
-
 _FLASH_MODULES = ("flash_attn", "flash_attn_2_cuda")
 _REQUIRED = ("s3prl", "transformers", "torch")
-
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """One import failure, reduced to its real cause."""
-
-    kind: str
-    error: str  # "ExcType: message" of the root cause
-    where: str = ""  # "file:line" where the root cause was raised
-    module: Optional[str] = None  # the module that is missing or lacks an attribute
-    attribute: Optional[str] = None
-    upstream: Optional[str] = None  # the S3PRL upstream package whose import failed
-    path: Optional[str] = None  # where the broken flash_attn package lives
-    hint: str = ""
-
-    def describe(self) -> str:
-        """'ExcType: message (at file:line; flash-attn at path). Fix: hint' in one line."""
-        places = [f"at {self.where}"] if self.where else []
-        if self.kind == FLASH_ATTN and self.path:
-            places.append(f"flash-attn at {self.path}")
-        return f"{self.error}{' (' + '; '.join(places) + ')' if places else ''}. Fix: {self.hint}"
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-class S3PRLImportError(ImportError):
-    """S3PRL (or one upstream) cannot be imported; ``.diagnosis`` holds the real cause."""
-
-    def __init__(self, diagnosis: Diagnosis, prefix: str = "S3PRL cannot be imported"):
-        super().__init__(f"{prefix}: {diagnosis.describe()}")
-        self.diagnosis = diagnosis
 
 
 @dataclass(frozen=True)
@@ -99,7 +64,7 @@ def import_s3prl() -> S3PRL:
     global _result
     if _result is not None:
         return _result
-    from espnet_flashcompat.hub import install_hub
+    from espnet_flashcompat.s3prl.hub import install_hub
 
     hub = install_hub(import_recovering)
     nn = import_recovering("s3prl.nn")
@@ -120,11 +85,6 @@ def import_recovering(name: str, upstream: Optional[str] = None) -> ModuleType:
                 raise S3PRLImportError(diagnosis, prefix) from exc
             _drop_modules(set(sys.modules) - before)
             hide_flash_attn(diagnosis, while_importing=name)
-
-
-def one_line(exc: BaseException) -> str:
-    """'ExcType: first line of its message', the form every report and log line of this package uses."""
-    return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def classify(exc: BaseException, upstream: Optional[str] = None) -> Diagnosis:

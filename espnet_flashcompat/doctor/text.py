@@ -1,10 +1,10 @@
-"""The human-readable table of an ``espnet-flashcompat doctor`` report (``doctor.gather()``): text only."""
+"""The human-readable table of an ``espnet-flashcompat doctor`` report (``report.gather()``): text only."""
 
 import textwrap
 from typing import Callable, List
 
-from espnet_flashcompat.doctor import _at
-from espnet_flashcompat.doctor_attention import _BACKENDS, PROBE_DTYPE
+from espnet_flashcompat.doctor.findings import at
+from espnet_flashcompat.doctor.attention import _BACKENDS, PROBE_DTYPE
 
 
 def render(report: dict) -> str:
@@ -22,7 +22,7 @@ def render(report: dict) -> str:
         ("s3prl", f"{s3['distribution']} {s3['version']}" if s3.get("distribution") else "not installed"),
         ("espnet", es["version"] or "not installed"),
     ])
-    out.append(f"Devices (attention.decide in {PROBE_DTYPE} on a tiny HF wav2vec2)")
+    out.append(f"Devices (policy.decide in {PROBE_DTYPE} on a tiny HF wav2vec2)")
     rows = [("", "name", *_BACKENDS, "auto")] + [
         (d["device"], d["name"] + (f" (sm_{d['capability'].replace('.', '')})" if d["capability"] else ""),
          *(_yes_no(d["backends"][b]["ok"]) for b in _BACKENDS), d["auto"] or "-") for d in report["devices"]]
@@ -41,7 +41,7 @@ def render(report: dict) -> str:
     section("flash-attn", [
         ("installed", f"yes, {fa['version'] or 'no metadata'} ({fa['location'] or 'location unknown'})"
          if fa["installed"] else "no (optional: SDPA needs none)"),
-        ("importable", "yes" if fa["importable"] else f"no: {error['error']}{_at(error['where'])}"),
+        ("importable", "yes" if fa["importable"] else f"no: {error['error']}{at(error['where'])}"),
         ("transformers sees", {True: "available", False: "not available", None: "unknown"}[
             fa["transformers_believes_available"]] + " (is_flash_attn_2_available, read before probing)"),
     ] + ([("fix", error["hint"])] if fa["installed"] and error else []))
@@ -58,7 +58,7 @@ def render(report: dict) -> str:
         scope = "upstream packages import" if ups["probed"] else "packages tried so far import (--quick)"
         rows.append(("upstreams", f"{len(ups['ok'])} of {tried} {scope}"))
         rows += [("  ok" if i == 0 else "", line) for i, line in enumerate(textwrap.wrap(", ".join(ups["ok"]), 88))]
-        rows += [(f"  {package}", d["error"] + _at(d["where"])) for package, d in ups["failed"].items()]
+        rows += [(f"  {package}", d["error"] + at(d["where"])) for package, d in ups["failed"].items()]
     section("S3PRL", rows)
 
     by_state = {}

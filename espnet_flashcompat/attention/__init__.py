@@ -1,0 +1,18 @@
+"""Choosing and running attention: which backend an upstream's attention runs on, measured where it can be.
+
+- ``policy``: the policy. ``decide()`` checks each backend (flash_attention_2, sdpa, eager) against the request, the
+  device, the dtype and the upstream, and gives a reason for every one it rejects; ``apply()`` switches a model.
+- ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch and keeps the fastest.
+- ``sdpa_kernels``: SDPA's own kernels (cuDNN, flash, memory-efficient) as contenders, and the pin that runs one.
+- ``ranks``: under DDP, every rank runs the backend chosen from all ranks' timings.
+- ``transformers_compat``: the one place where transformers versions differ (attention switching in place).
+- ``relpos_sdpa``: ESPnet's relative-position attention through SDPA, keeping no time x time tensor.
+
+In 0.1 the policy was the module ``espnet_flashcompat.attention``; its names still resolve here.
+"""
+
+
+def __getattr__(name):
+    from espnet_flashcompat import _moved
+
+    return _moved.forward(__name__, name)
