@@ -1,5 +1,5 @@
 """Attention backend matrix: eager / sdpa and each of its kernels / flash_attention_2 / auto on base-sized HF speech
-encoders (issues 5 and 13).
+encoders; results with their machine, versions and date: docs/benchmarks.md.
 
 For a wav2vec2 and a HuBERT encoder of base size (hidden 768, 12 layers, 12 heads, random weights, bf16 weights
 and inputs, batch 8), at 10 s and 30 s, full and ragged batches, inference and a train step: the median time
@@ -10,7 +10,7 @@ gradients), with each backend's ratio to the best of its row. ``sdpa`` is torch'
 kernel that refuses the batch says why in its cell).
 
 ``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row, as the frontend does
-it: the policy (``attention.decide``) names the contenders (flash_attention_2 and SDPA's kernels), calibration
+it: the policy (``policy.decide``) names the contenders (flash_attention_2 and SDPA's kernels), calibration
 (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) picks on the first batch of the bucket, the
 pick runs ``calibrate.RECHECK_AFTER`` - 2 more steps, and calibration picks again on the next: that second pick is
 timed like the others. *picked / best* compares the picked backend's own column with the row's best: by median,
@@ -23,8 +23,7 @@ layerdrop and SpecAugment masking off, so that every step does the same work). N
 flash_attention_2 column, a working flash-attn imported before transformers.
 
     python benchmarks/attention_matrix.py --out DIR --models wav2vec2 --seconds 10   # one model, one length
-    python benchmarks/attention_matrix.py --out DIR                    # everything (with three backend columns
-                                                                       # it took ~9.5 min on an H100; now more)
+    python benchmarks/attention_matrix.py --out DIR                    # everything (run times: docs/gpu.md)
     python benchmarks/attention_matrix.py --models wav2vec2 --rounds 4 --max-rounds 4   # a quick look
 
 Writes DIR/attention_matrix.md (tables) and DIR/attention_matrix.json (every timing), and prints the tables.
@@ -77,7 +76,7 @@ def make_batch(seconds: float, ragged: bool, dtype: torch.dtype, seed: int = 0):
 
 def step_fn(model, x, mask, train: bool, backend: str = "", strict: bool = True):
     """One inference or train step on ``backend``'s SDPA kernel where it names one (strict: that kernel alone)."""
-    from espnet_flashcompat import sdpa_kernels
+    from espnet_flashcompat.attention import sdpa_kernels
 
     if train:
         def step():
@@ -111,16 +110,16 @@ def measure(step, warmup: int, iters: int):
 
 def auto_choice(model, dtype):
     """The decision of ``attn_implementation: auto`` for this model on this GPU and dtype."""
-    from espnet_flashcompat import attention
+    from espnet_flashcompat.attention import policy
 
-    holder = types.SimpleNamespace(model=model)  # attention.hf_model() finds the HF model at .model
-    return attention.decide(attention.AUTO, holder, torch.device("cuda", torch.cuda.current_device()), dtype)
+    holder = types.SimpleNamespace(model=model)  # policy.hf_model() finds the HF model at .model
+    return policy.decide(policy.AUTO, holder, torch.device("cuda", torch.cuda.current_device()), dtype)
 
 
 def calibrated_choice(model, decision, x, mask, train: bool):
     """What the frontend's calibration picks on this batch, as the frontend runs it:
     (decision, {backend: timing or error}, seconds the calibration took)."""
-    from espnet_flashcompat import calibrate, sdpa_kernels
+    from espnet_flashcompat.attention import calibrate, sdpa_kernels
 
     if not decision.contenders:
         return decision, {}, 0.0
@@ -143,9 +142,9 @@ def calibrated_choice(model, decision, x, mask, train: bool):
 
 
 def set_backend(model, backend: str) -> None:
-    from espnet_flashcompat import attention, sdpa_kernels
+    from espnet_flashcompat.attention import policy, sdpa_kernels
 
-    attention.apply(types.SimpleNamespace(model=model), backend)
+    policy.apply(types.SimpleNamespace(model=model), backend)
     assert model.config._attn_implementation == sdpa_kernels.backend_of(backend), model.config._attn_implementation
 
 
@@ -160,7 +159,7 @@ def spread(times) -> float:
 
 
 def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
-    from espnet_flashcompat.calibrate import release
+    from espnet_flashcompat.attention.calibrate import release
 
     model = make_model(kind, dtype)
     decision = auto_choice(model, dtype)
@@ -171,7 +170,7 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         x, mask = make_batch(seconds, ragged, dtype)
         # As the frontend: calibrate on the first batch of the bucket, train on the pick until the bucket's
         # RECHECK_AFTER-th batch, calibrate again there, and keep that pick (the auto column)
-        from espnet_flashcompat import calibrate
+        from espnet_flashcompat.attention import calibrate
 
         first, first_calibration, first_cost = calibrated_choice(model, decision, x, mask, train)
         if decision.contenders:

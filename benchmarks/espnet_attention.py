@@ -1,4 +1,4 @@
-"""ESPnet's own attention, stock vs the model-wide policy (issue 12): one train step of an ESPnet ASR encoder.
+"""ESPnet's own attention, stock vs the model-wide policy: one train step of an ESPnet ASR encoder.
 
 Models: ESPnet's ``EBranchformerEncoder`` with ``attention_layer_type: selfattn`` (``abs_pos``: the module that has a
 flash path) and ``ConformerEncoder`` with ``rel_selfattn`` (``rel_pos``, ``rel_pos_type: latest``), each with ESPnet's
@@ -27,12 +27,11 @@ the policy (E-Branchformer ls100, ``--curves-precision``: bf16 AMP by default on
 the same 8 cycled ragged batches) and their CTC losses every N/20 steps. In fp32 with a healthy flash-attn, stock
 trains on eager attention without attention dropout (its fallback), the policy on SDPA with it.
 
-Measured on an H200 (2026-12-01, torch 2.11, flash-attn 2.8.3 built for sm90): ``--broken-flash DIR --curves 300
---curves-precision fp32`` ran in 294 s (the table about 2 min, as much again in the broken child, the curves 45 s).
-Rows where both sides run the same backend read 0.93 to 1.02: that is the noise of a ratio.
+Results, with their machine, versions and date, and what a ratio's noise is: docs/benchmarks.md; run times:
+docs/gpu.md.
 
-    python benchmarks/espnet_attention.py --out DIR                                   # the table: ~2 min, H200
-    python benchmarks/espnet_attention.py --out DIR --broken-flash BROKEN --curves 300   # all: about 5 min
+    python benchmarks/espnet_attention.py --out DIR                                   # the table
+    python benchmarks/espnet_attention.py --out DIR --broken-flash BROKEN --curves 300   # the table twice, curves
     python benchmarks/espnet_attention.py --tiny --out /tmp/bench --curves 20           # CPU smoke test: tiny sizes
 
 Writes DIR/espnet_attention.md (tables) and DIR/espnet_attention.json (every measurement), and prints the tables.
@@ -50,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-from espnet_flashcompat import guard, model_attention, optin
+from espnet_flashcompat.s3prl import guard
+from espnet_flashcompat.espnet import model_attention, optin
 
 FRAMES, FEATS, VOCAB, TARGET = 3000, 80, 500, 150
 SIZES = {"ls100": dict(output_size=256, attention_heads=4, linear_units=1024, cgmlp_linear_units=1024, batch=8),

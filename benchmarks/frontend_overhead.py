@@ -3,8 +3,9 @@
 Both frontends are built in this one process with the same arguments on the same upstream (same seed,
 same weights), so each call runs the same model code; what differs is our ``forward``: the batch checks
 and the attention decision look-up before ``S3prlFrontend.forward``. ESPnet's stock frontend cannot be
-built on this stack unless S3PRL imports (torchaudio >= 2.9 breaks ``from s3prl.nn import ...``), so
-``espnet_flashcompat.import_s3prl()`` runs first: it makes that import inside the stock constructor work.
+built on the legacy stack unless S3PRL imports (torchaudio >= 2.9 breaks s3prl 0.4.18's
+``from s3prl.nn import ...``), so ``espnet_flashcompat.import_s3prl()`` runs first: it makes that import inside
+the stock constructor work.
 
 Upstreams: ``fbank``, the tiny random HF wav2vec2 of ``make_tiny_hf_upstream`` (hidden 32, 2 layers), and a
 bigger random one (hidden 256, 4 layers, 4 heads, 64-channel CNN), both loaded through ``hf_wav2vec2_custom``.
@@ -16,7 +17,7 @@ every sample of ours and of the control has a stock sample next to it. A sample 
 calls, k chosen so that it lasts about 0.15 s (single short calls jitter).
 
 - overhead: the median over those pairs of (ours / stock - 1), with its interquartile range;
-- A/A: the same for the control (control / stock - 1), which is what noise alone gives on this machine;
+- A/A: the same for the control (control / stock - 1), which is what noise alone gives on the machine it runs on;
 - direct: our added code alone (``_check_batch`` + ``_attend_on``, 2000 calls) per call, and divided by the
   stock forward median. Other processes' load hardly blurs it. Target: <= 1%, judged on this one.
 
@@ -83,9 +84,9 @@ def call(frontend, mode, wav, lengths, k=1):
 
 
 def attn_of(frontend):
-    from espnet_flashcompat import attention
+    from espnet_flashcompat.attention import policy
 
-    model = attention.hf_model(frontend.upstream)
+    model = policy.hf_model(frontend.upstream)
     return model.config._attn_implementation if model is not None else "native"
 
 

@@ -7,8 +7,8 @@ its frontend is built. The timed region after it is
 - ``import``: getting ``S3PRLUpstream``, which is, per variant,
   - ``stock``: ``from s3prl.nn import S3PRLUpstream`` with torchaudio shimmed *inside the benchmark's
     process only* (``set_audio_backend`` restored as a no-op for ``byol_s``, a dummy ``torchaudio.sox_effects``
-    for ``mos_prediction``), which is "nothing broken": without the shim it fails on this stack
-    (torchaudio >= 2.9), shown once as ``stock, real stack``;
+    for ``mos_prediction``), which is "nothing broken": without the shim it fails on the legacy
+    stack (s3prl 0.4.18 with torchaudio >= 2.9), shown once as ``stock, real stack``;
   - ``ours``: ``espnet_flashcompat.import_s3prl().S3PRLUpstream`` on the real, unshimmed stack (its lazy hub
     never imports ``byol_s`` or ``mos_prediction``, so the shim could not change its path);
   - ``bare``: the cheapest lazy import imaginable, wired by hand with no guard: an empty module stands in for
@@ -21,7 +21,7 @@ Each run records wall time and CPU time (``time.process_time``) of import+build.
 
 - ours <= 0.4x stock, import+build with one upstream built: checked on wall AND CPU time;
 - our machinery <= 5% when nothing is broken: the CPU time of our own code, measured directly in the ``ours``
-  runs (importing ``espnet_flashcompat.guard``/``hub``, ``hub.read_index``, and the guard's import wrapper
+  runs (importing ``espnet_flashcompat.s3prl.guard``/``hub``, ``hub.read_index``, and the guard's import wrapper
   done again on the imported modules), as a share of ``bare``'s import+build CPU time. ``ours / bare - 1``
   end to end is printed as a cross-check; on a shared 2-core machine it moves by +-15% from run to run,
   too much to resolve 5%.
@@ -77,7 +77,7 @@ if variant.startswith("stock"):
         sys.exit(0)
 elif variant == "ours":
     import espnet_flashcompat
-    import espnet_flashcompat.hub as hub_module
+    import espnet_flashcompat.s3prl.hub as hub_module
     own["modules"] = time.process_time() - c1
     real_read_index = hub_module.read_index
     def read_index(*args):
@@ -98,7 +98,7 @@ t2 = time.perf_counter()
 S3PRLUpstream(name, **kwargs)
 t3, c3 = time.perf_counter(), time.process_time()
 if variant == "ours":  # the guard's wrapper around each of its 3 imports (s3prl, s3prl.nn, the hubconf), done again
-    from espnet_flashcompat.guard import import_recovering
+    from espnet_flashcompat.s3prl.guard import import_recovering
     start = time.process_time()
     for module in ("s3prl", "s3prl.nn", hubconf):
         import_recovering(module)

@@ -41,15 +41,15 @@ def kernels_of(step) -> list:
 
 
 def priority_inside(implementation, strict) -> list:
-    from espnet_flashcompat import sdpa_kernels
+    from espnet_flashcompat.attention import sdpa_kernels
 
     with sdpa_kernels.pinned(implementation, strict):
         return priority()
 
 
 def probe_row(model, seconds, ragged, train, iters):
-    from espnet_flashcompat import sdpa_kernels
-    from espnet_flashcompat.calibrate import release
+    from espnet_flashcompat.attention import sdpa_kernels
+    from espnet_flashcompat.attention.calibrate import release
 
     x, mask = make_batch(seconds, ragged, torch.bfloat16)
     rows = []

@@ -57,7 +57,7 @@ def main():
     parser.add_argument("--runs", type=int, default=40, help="runs of each variant (default 40)")
     args = parser.parse_args()
 
-    probe = subprocess.run([sys.executable, "-c", "import sys; r = sys.modules.get('espnet_flashcompat.registry'); "
+    probe = subprocess.run([sys.executable, "-c", "import sys; r = sys.modules.get('espnet_flashcompat.espnet.registry'); "
                             "print(bool(r and r.hook_state()['armed']))"], env=environ(), capture_output=True, text=True)
     if probe.stdout.strip() != "True":
         sys.exit(f"the startup hook is not armed in {sys.executable}: install the package first (pip install -e .)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fetch, on a machine that reaches PyPI, what scripts/gpu.sh installs on the offline GPU machine (an H200: Python 3.12,
-# torch 2.11.0+cu130, torchaudio 2.11.0, transformers 5.17.0, huggingface_hub 1.33 preinstalled; no espnet, no s3prl,
-# no network; the image's package list is in the device docs' KINDS.md):
+# Fetch, on a machine that reaches PyPI, what scripts/gpu.sh installs on the offline GPU machine (docs/gpu.md; so far
+# an H100 or H200 with Python 3.12, torch 2.11.0+cu130, torchaudio 2.11.0, transformers 5.17.0, huggingface_hub 1.33
+# preinstalled; no espnet, no s3prl, no network):
 #   .whl/site/         the CURRENT stack (default): espnet 202611, espnet-s3prl (ESPnet's S3PRL fork) and the
 #                      py3-none-any or cp312 manylinux packages that espnet2.bin.asr_train (a training step with
 #                      frontend: s3prl_flashcompat), espnet2.bin.asr_inference, espnet2.asr.frontend.s3prl, s3prl.nn +
@@ -20,13 +20,18 @@
 #   .whl/site-legacy/  only with ESPNET_FLASHCOMPAT_STACK=legacy: espnet 202511, s3prl 0.4.18 and their missing
 #                      imports (stacks/legacy.txt), as gpu.sh used before, plus ci_sdr and fast_bss_eval, which
 #                      espnet 202511's asr_inference imports; about 11 MB more (then .whl + .fa: 56 MiB). .whl/
-#                      travels whole, so carry only the folders in use (see gpu.sh) when both stacks are here.
+#                      is copied whole, so copy only the folders in use (see gpu.sh) when both stacks are fetched.
 #   .whl/faults/       what tests/faults.py's real-fault builders install there, offline (PIP_NO_INDEX + PIP_FIND_LINKS):
 #                      flash-attn's sdist (its own installer with FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE makes the broken
 #                      install) and transformers 4.46.3 with its tokenizers/huggingface_hub pins.
-#   .fa/               the healthy flash-attn wheel of ../shared/gpu (built for sm90 there), repacked with LZMA:
-#                      the same files and RECORD, 17 MB instead of 63, so that it travels with the rest in one call
-#                      (each call may carry 64 MiB). pip installs LZMA members like any other.
+#   .fa/               a healthy flash-attn wheel for the GPU machine, repacked with LZMA: the same files and RECORD,
+#                      17 MB instead of 63, so that .whl/ and .fa/ stay small enough to copy in one transfer (the GPU
+#                      runs so far allowed 64 MiB). pip installs LZMA members like any other.
+# Input from outside the repository: $SHARED_FA, a folder holding flash_attn-2.8.3.post2-cp312-cp312-linux_x86_64.whl
+# built against the GPU machine's torch (2.11.0+cu130, CUDA 13.0) for its architecture, e.g. on a machine with that
+# torch: FLASH_ATTN_CUDA_ARCHS=90 FLASH_ATTENTION_FORCE_BUILD=TRUE \
+#            python3 -m pip wheel --no-build-isolation --no-deps -w DIR flash-attn==2.8.3.post2
+# (docs/gpu.md). Default: ../shared/gpu, a folder beside the checkout.
 # Usage (repo root):  bash scripts/gpu_wheels.sh                                 # current stack (+ faults, .fa)
 #                     ESPNET_FLASHCOMPAT_STACK=legacy bash scripts/gpu_wheels.sh  # legacy stack (+ faults, .fa)
 # $PYTHON: the Python that runs pip (default: the project venv's, else python3); flash-attn's sdist download imports
@@ -38,7 +43,7 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=
 SHARED_FA=${SHARED_FA:-../shared/gpu}
 STACK=${ESPNET_FLASHCOMPAT_STACK:-current}
 
-# Each stack: its folder, its binary wheels and its sdist-only pure-Python packages (built into wheels here), by
+# Each stack: its folder, its binary wheels and its sdist-only pure-Python packages (built into wheels locally), by
 # name; the versions come from stacks/$STACK.txt.
 case "$STACK" in
     current)
@@ -95,7 +100,7 @@ download() {
         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64 \
         -d "$dest" "$@"
 }
-# Pure-Python projects published as sdists only: build a py3-none-any wheel here (unless that version is there).
+# Pure-Python projects published as sdists only: build a py3-none-any wheel locally (unless that version is there).
 build_wheel() {
     local dest=$1 spec=$2 name=${2%%==*} version=${2##*==}
     ls "$dest"/"${name//[-.]/_}"-"$version"-*.whl "$dest"/"$name"-"$version"-*.whl >/dev/null 2>&1 && return 0
@@ -132,7 +137,7 @@ fi
 
 ls -l "$SITE" .whl/faults .fa >&2
 du -ch "$SITE" .whl/faults .fa | tail -n 1 | sed "s|total|$SITE + .whl/faults + .fa|" >&2
-# What carry=[".whl", ".fa"] takes along: at most 64 MiB a call, this included.
+# Size of what is copied to the GPU machine: the GPU runs so far took .whl + .fa in transfers of at most 64 MiB.
 total=$(du -cb .whl .fa | tail -n 1 | cut -f1)
 echo "carry .whl + .fa: $(( total / 1048576 )) MiB of 64" >&2
 [ "$total" -le $(( 58 * 1048576 )) ] || echo "gpu_wheels.sh: warning: .whl + .fa is over 58 MiB; carry only the \

@@ -2,7 +2,7 @@
 
 ``scaled_dot_product_attention`` is several kernels (cuDNN, flash, memory-efficient, math), and which one runs
 depends on the torch version, the mask, the dtype and the GPU: on Hopper with cuDNN > 9.15 torch tries cuDNN first,
-which transformers PR #48163 measured 1.7-2.3x faster than SDPA's flash kernel for Hopper training shapes and slower
+which huggingface/transformers#48163 measured 1.7-2.3x faster than SDPA's flash kernel for Hopper training shapes and slower
 on an A100. Under ``auto`` on CUDA, ``policy.decide`` names each kernel that may run there as ``sdpa:<kernel>``
 (``candidates()``), and ``calibrate`` times them like any backend.
 
