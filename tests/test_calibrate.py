@@ -139,6 +139,43 @@ def test_a_close_call_earns_more_runs(monkeypatch):
     assert calibrate.REPEATS + 1 < calls["sdpa"] < calibrate.CLOSE_CALL_REPEATS + 1
 
 
+def test_a_backend_that_cannot_come_close_leaves_the_race_early(monkeypatch):
+    """Every run of "flash" slower than every run of "sdpa" by more than 2%: out after RACE_AFTER timed runs, its
+    timing from those runs; the pick is the one the full race gives."""
+    timings, calls = _measure(monkeypatch, lambda b, n: 10.0 + 0.1 * (n % 2) if b == "sdpa" else 12.0)
+    assert calls == {"flash_attention_2": calibrate.RACE_AFTER + 1, "sdpa": calibrate.REPEATS + 1}
+    assert timings["flash_attention_2"].ms == pytest.approx(12.0)
+    assert _pick(**{b: (t.ms, GIB) for b, t in timings.items()}).implementation == "sdpa"
+    # overlapping runs stay in: one fast run of "flash" among slow ones is enough
+    timings, calls = _measure(monkeypatch, lambda b, n: 10.0 if b == "sdpa" else 9.0 if n == 3 else 12.0)
+    assert calls["flash_attention_2"] == calibrate.REPEATS + 1
+    # ... and a gap within TIME_NOISE is no reason to leave
+    timings, calls = _measure(monkeypatch, lambda b, n: 10.0 if b == "sdpa" else 10.15)
+    assert calls["flash_attention_2"] > calibrate.RACE_AFTER + 1
+
+
+def test_a_faster_backend_above_the_memory_cap_does_not_push_the_lean_one_out():
+    times = {"flash_attention_2": [10.0] * 3, "sdpa": [12.0] * 3}
+    assert calibrate._outrun(times, {"flash_attention_2": 2 * GIB, "sdpa": GIB}, set()) == set()
+    assert calibrate._outrun(times, {"flash_attention_2": GIB, "sdpa": GIB}, set()) == {"sdpa"}
+
+
+def test_the_second_look_times_only_the_backends_close_to_the_first_pick():
+    timings = {"sdpa:cudnn": Timing("sdpa:cudnn", 100.0, GIB), "sdpa:efficient": Timing("sdpa:efficient", 109.0, GIB),
+               "flash_attention_2": Timing("flash_attention_2", 125.0, GIB),
+               "sdpa:flash": "sdpa:flash cannot run this batch: ...",
+               "eager": Timing("eager", 101.0, 3 * GIB)}  # close in time, far above the memory cap
+    assert calibrate.close_contenders(timings, "sdpa:cudnn") == ("sdpa:cudnn", "sdpa:efficient")
+    assert calibrate.close_contenders({"sdpa": Timing("sdpa", 1.0, 0)}, "sdpa") == ("sdpa",)
+
+
+def test_sdpas_flash_kernel_is_not_timed_on_a_ragged_batch():
+    assert sdpa_kernels.shape_rejection("sdpa:flash", ragged=True)
+    assert sdpa_kernels.shape_rejection("sdpa:flash", ragged=False) is None
+    assert sdpa_kernels.shape_rejection("sdpa:cudnn", ragged=True) is None
+    assert sdpa_kernels.shape_rejection("flash_attention_2", ragged=True) is None
+
+
 def test_buckets():
     lengths = torch.tensor([48000, 30000])
     with torch.no_grad():
@@ -323,6 +360,7 @@ def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders
     """The first batch of a bucket is a cold run's: calibration looks again at batch ``RECHECK_AFTER`` of that
     bucket (here 4), once, and the frontend keeps that pick."""
     monkeypatch.setattr(calibrate, "RECHECK_AFTER", 4)
+    monkeypatch.setattr(calibrate, "RECHECK_MARGIN", 100.0)  # on CPU eager may trail sdpa by more than 10%
     x, lengths = _batch()
     auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
@@ -332,3 +370,29 @@ def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders
     assert len(logged) == 2, logged
     assert "first batch" in logged[0] and "batch 4" in logged[1], logged
     assert auto.attn_decision.context.endswith("batch 4") and auto.attn_decision.measured
+
+
+def test_the_second_look_is_skipped_when_nothing_came_close(hf_conf, cpu_contenders, monkeypatch, caplog):
+    """With no backend within RECHECK_MARGIN of the first pick, batch ``RECHECK_AFTER`` runs on that pick untimed;
+    with one close, only the close ones are timed again and the others keep their first-look reason."""
+    monkeypatch.setattr(calibrate, "RECHECK_AFTER", 3)
+    x, lengths = _batch()
+    runs = []
+    real_measure = calibrate.measure
+
+    def measure(forward, backends, *args):
+        runs.append(tuple(backends))
+        return real_measure(forward, backends, *args)
+
+    monkeypatch.setattr(calibrate, "measure", measure)
+    for margin, expected in ((-1.0, 1), (100.0, 2)):
+        runs.clear()
+        monkeypatch.setattr(calibrate, "RECHECK_MARGIN", margin)
+        auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
+        for _ in range(4):
+            auto(x, lengths)
+        assert len(runs) == expected and runs[0] == ("sdpa", "eager"), runs
+        if expected == 2:
+            assert set(runs[1]) == {"sdpa", "eager"} and auto.attn_decision.context.endswith("batch 3")
+        else:
+            assert auto.attn_decision.context.endswith("first batch")

@@ -5,7 +5,8 @@ repeat, on the caller's own batch, and leaves no trace: the RNG is forked, buffe
 not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` turns the timings into an
 ``AttnDecision``: the fastest (by mean time) of the backends whose peak memory is within ``MEMORY_CAP`` of the
 leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and the leaner one is steady, and a
-reason for every backend left out.
+reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
+fastest leaves the race early (``RACE_AFTER``), and ``close_contenders()`` names the few worth a second look.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -14,7 +15,7 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -30,6 +31,12 @@ STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: 
 # Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
 # settled), and two backends within a few percent of each other there may swap places a minute later (measured on an H200 with torch 2.11: docs/benchmarks.md).
 RECHECK_AFTER = 50
+RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10% of the first pick (and fit in memory)
+# Racing: after RACE_AFTER timed runs each, a backend whose every run is slower than every run of the fastest one by
+# more than TIME_NOISE is out of the race (its runs so far are its timing). Were both equally fast, 3 runs of one
+# all above 3 of the other would happen by chance once in 20 (3! 3! / 6!), before the TIME_NOISE gap is asked too;
+# and a backend outrun so cannot be picked on time (its mean is more than TIME_NOISE above the leader's).
+RACE_AFTER = 3
 
 
 @dataclass(frozen=True)
@@ -65,12 +72,15 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     times: Dict[str, list] = {b: [] for b in backends}
     peaks: Dict[str, int] = dict.fromkeys(backends, 0)
     failed: Dict[str, str] = {}
+    outrun: Set[str] = set()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             round_ = 0  # round 0 warms up; the order alternates from round to round
-            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, failed)):
+            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, set(failed) | outrun)):
+                if round_ > RACE_AFTER:
+                    outrun |= _outrun(times, peaks, set(failed) | outrun)
                 for backend in (backends if round_ % 2 else backends[::-1]):
-                    if backend in failed:
+                    if backend in failed or backend in outrun:
                         continue
                     try:
                         ms, peak = _run_once(forward, backend, switch, trainable, device)
@@ -101,10 +111,33 @@ def release(exc: BaseException) -> None:
         exc = exc.__cause__ or exc.__context__
 
 
-def _close(times: Dict[str, list], failed: Dict[str, str]) -> bool:
-    """Whether the two fastest backends so far are within TIME_NOISE: a close call earns more runs."""
-    typical = sorted(_timing(b, t, 0).ms for b, t in times.items() if b not in failed and t)
+def close_contenders(timings: Dict[str, Union[Timing, str]], chosen: str) -> Tuple[str, ...]:
+    """For the second look at a bucket: the pick of the first and the backends that ran within RECHECK_MARGIN of
+    its time and within MEMORY_CAP of the leanest; the others cannot come close enough to swap places."""
+    ran = [t for t in timings.values() if isinstance(t, Timing)]
+    if chosen not in timings or not isinstance(timings[chosen], Timing):
+        return tuple(t.backend for t in ran)
+    cap = MEMORY_CAP * max(min(t.peak_bytes for t in ran), 1)
+    bound = timings[chosen].ms * (1 + RECHECK_MARGIN)
+    return (chosen,) + tuple(t.backend for t in ran if t.backend != chosen and t.ms <= bound and t.peak_bytes <= cap)
+
+
+def _close(times: Dict[str, list], out: Set[str]) -> bool:
+    """Whether the two fastest backends still racing are within TIME_NOISE: a close call earns more runs."""
+    typical = sorted(_timing(b, t, 0).ms for b, t in times.items() if b not in out and t)
     return len(typical) > 1 and typical[1] <= typical[0] * (1 + TIME_NOISE)
+
+
+def _outrun(times: Dict[str, list], peaks: Dict[str, int], out: Set[str]) -> Set[str]:
+    """The backends still racing that every run of the leader (the fastest of those within MEMORY_CAP of the
+    leanest) beats by more than TIME_NOISE; see RACE_AFTER."""
+    racing = {b: t for b, t in times.items() if b not in out and len(t) >= RACE_AFTER}
+    if len(racing) < 2:
+        return set()
+    cap = MEMORY_CAP * max(min(peaks[b] for b in racing), 1)
+    leader = min((b for b in racing if peaks[b] <= cap), key=lambda b: _timing(b, racing[b], 0).ms)
+    bound = max(racing[leader]) * (1 + TIME_NOISE)
+    return {b for b, t in racing.items() if b != leader and min(t) > bound}
 
 
 def _timing(backend: str, times: Sequence[float], peak: int) -> Timing:

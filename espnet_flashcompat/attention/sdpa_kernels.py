@@ -52,6 +52,14 @@ def candidates(device: Optional[torch.device], dtype: Optional[torch.dtype]) -> 
     return tuple(name(k) for k in KERNELS if enabled[k])
 
 
+def shape_rejection(implementation: str, ragged: bool) -> Optional[str]:
+    """Why ``implementation`` cannot take a batch of this shape, known before running it, or None: SDPA's flash
+    kernel takes no attention mask, and a ragged batch of a Hugging Face upstream passes one."""
+    if kernel_of(implementation) == "flash" and ragged:
+        return "SDPA's flash kernel takes no attention mask, and a ragged batch has one"
+    return None
+
+
 def _backend(kernel: str):
     from torch.nn.attention import SDPBackend
 
