@@ -1,17 +1,20 @@
-"""The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor`` and ``to-stock``.
+"""The ``espnet-flashcompat`` command line: argument parsing and printing, for ``doctor``, ``to-stock``, ``calibrations``.
 
 ``doctor`` prints ``doctor.text.render()`` or, with ``--json``, the report as JSON, and exits with the report's
 exit code (0 healthy, 1 degraded, 2 broken; see ``espnet_flashcompat.doctor.report``). While the checks run,
 whatever the imported libraries print or log is held back (``--verbose`` lets it through, to stderr), so
 that stdout carries the report alone. A usage error exits 64 (EX_USAGE), so that 2 always means broken.
 
-``to-stock`` runs ``handoff.convert.to_stock`` and prints ``handoff.convert.render()``; it exits 0 when the output is written and
-verified, 1 when verification failed, 2 when SRC or OUT is refused (nothing is written then), with the reason on
-stderr.
+``to-stock`` runs ``handoff.convert.to_stock`` and prints ``handoff.convert.render()``; it exits 0 when the output
+is written and verified, 1 when verification failed, 2 when SRC or OUT is refused (nothing is written then), with the
+reason on stderr.
+
+``calibrations`` lists the calibration store's entries (``--json``) or removes them (``--clear``); it exits 0.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -62,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     to_stock.add_argument("--task", metavar="NAME",
                           help="the ESPnet task that builds the model, espnet2.tasks.NAME (default: the one a zip's "
                                "meta.yaml names, else asr)")
+    calibrations = commands.add_parser(
+        "calibrations", help="list (or clear) the calibrations auto keeps on disk",
+        description="List the calibrations that attn_implementation: auto keeps in its store (location: "
+                    "ESPNET_FLASHCOMPAT_CALIBRATION_DIR, else the user's cache directory), or remove them.")
+    calibrations.add_argument("--json", action="store_true", help="print the entries as JSON")
+    calibrations.add_argument("--clear", action="store_true",
+                              help="remove every entry: the next runs calibrate again")
     return parser
 
 
@@ -69,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "to-stock":
         return _to_stock(args)
+    if args.command == "calibrations":
+        return _calibrations(args)
     from espnet_flashcompat.doctor.report import gather
     from espnet_flashcompat.doctor.text import render
 
@@ -91,6 +103,28 @@ def _to_stock(args) -> int:
         print(f"espnet-flashcompat to-stock: {exc}", file=sys.stderr)
         return exc.exit_code
     print(convert.render(result))
+    return 0
+
+
+def _calibrations(args) -> int:
+    from espnet_flashcompat.attention import store
+
+    location = store.location()
+    if args.clear:
+        print(f"removed {store.clear()} calibration(s) from {location}")
+        return 0
+    records = store.entries()
+    if args.json:
+        print(json.dumps({"location": str(location) if location else None, "entries": [
+            {"key": r.key.fields(), "entry": dataclasses.asdict(r.entry), "file": str(r.path)} for r in records]},
+            indent=2))
+        return 0
+    print(f"calibration store: {location or f'off ({store.ENV_VAR})'}, {len(records)} entries")
+    for r in records:
+        k = r.key.flat()
+        shape = "/".join(map(str, k["bucket"]))
+        print(f"  {k['gpu']} torch {k['torch']} {k['model']} {k['dtype']} {'train' if k['train'] else 'eval'} "
+              f"[{shape}]: {r.entry.pick} (batch {r.entry.batch}, {r.entry.cost_s:.1f} s, {r.entry.written})")
     return 0
 
 

@@ -2,22 +2,20 @@
 
 A thin subclass: S3PRL is imported through ``guard`` (so the stock ``from s3prl.nn import ...`` inside
 ESPnet's constructor succeeds), inputs are checked up front, the attention backend is chosen by
-``policy.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``calibrate``
-times the healthy backends, SDPA's kernels one by one, on the first batch of each batch-shape bucket and again
-on its ``calibrate.RECHECK_AFTER``-th, once the run is warm, and keeps the fastest), and a flash-attn kernel error
-at run time switches to the next backend and re-runs the same batch once. Everything else is ESPnet's.
+``policy.decide`` for each device and dtype the frontend meets (under ``auto`` on CUDA, ``tuner`` has the healthy
+backends, SDPA's kernels one by one, timed on real batches per batch-shape bucket, or reads an earlier process's
+timing from the calibration store, and keeps the fastest), and a flash-attn kernel error at run time switches to
+the next backend and re-runs the same batch once. Everything else is ESPnet's.
 """
 
 import inspect
 import logging
-import time
-from dataclasses import replace
 from typing import Dict, Optional, Tuple, Union
 
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat.attention import calibrate, policy, ranks, sdpa_kernels, transformers_compat
+from espnet_flashcompat.attention import calibrate, policy, ranks, sdpa_kernels, transformers_compat, tuner
 from espnet_flashcompat.s3prl.errors import one_line
 from espnet_flashcompat.s3prl.guard import import_s3prl, recovered_faults
 from espnet_flashcompat.s3prl.hub import ResilientHub, close_names
@@ -56,9 +54,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         self.attn_request, self.attn_source = request, source
         self.import_faults = recovered_faults()
         self._static: Dict[Tuple[str, str], policy.AttnDecision] = {}  # (device, dtype) -> policy decision
-        self._measured: Dict[Tuple, policy.AttnDecision] = {}  # (device, dtype, shape bucket) -> calibrated
-        self._seen: Dict[Tuple, int] = {}  # ... -> batches seen in that bucket
-        self._timings: Dict[Tuple, Dict] = {}  # ... -> the timings its last calibration chose from
+        self._tuner = tuner.Tuner()  # under auto on CUDA: calibrations per (device, dtype, shape bucket)
         self._warned = set()  # rejection tuples already warned about: one warning per decision
         self.attn_decision = self._policy(None, None)
         if self.attn_decision.implementation != policy.FLASH:  # flash waits for the device: on CPU fp32 it warns
@@ -104,69 +100,21 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         together = ranks.world_size() > 1 and device.type == "cuda" and self.attn_request == policy.AUTO \
             and model is not None
         if decision.contenders or together:
-            shape = calibrate.bucket(input, input_lengths)
-            bucket = self._bucket_of(shape, together)  # DDP: one calibration for train, one for eval
-            seen = self._seen[bucket] = self._seen.get(bucket, 0) + 1
-            if seen == 1:
-                self._measured[bucket] = self._calibrate(decision, shape, input, input_lengths, together)
-            elif seen == calibrate.RECHECK_AFTER and (shape[0] or not together):  # DDP: train steps are in lockstep
-                second = self._second_look(decision, bucket)
-                if second is not None:
-                    self._measured[bucket] = self._calibrate(second, shape, input, input_lengths, together, seen)
-            decision = self._measured[bucket]
+            decision = self._tuner.decision(key, decision, calibrate.bucket(input, input_lengths), together, model,
+                                            device, lambda contenders: self._measure(contenders, input, input_lengths))
         policy.apply(self.upstream, decision.implementation)
         self.attn_decision = decision
 
-    def _calibrate(self, decision, shape, input, input_lengths, together=False, seen=1) -> policy.AttnDecision:
-        """Time the contenders on this batch (under DDP: every rank, even one with a single healthy backend, so
-        that each exchanges its timings and reasons with the others) and pick one. ``seen``: which batch of its
-        bucket this is; the first, then ``calibrate.RECHECK_AFTER`` (the same contenders, once the run is warm)."""
-        refused = tuple(policy.Rejection(b, why) for b in decision.contenders
-                        if (why := sdpa_kernels.shape_rejection(b, ragged=shape[3])))
-        contenders = tuple(b for b in decision.contenders if b not in {r.backend for r in refused})
-        decision = replace(decision, contenders=contenders, rejected=decision.rejected + refused)
-        where = calibrate.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
-        if len(contenders) == 1 and not together:  # nothing to choose among on this shape
-            decision = replace(decision, implementation=contenders[0], contenders=(),
-                               context=f"{decision.context}, {where}")
-            logger.info("s3prl_flashcompat: %s (the only contender that takes this shape)", decision.summary())
-            return decision
-        current = [decision.implementation]
+    def _measure(self, contenders, input, input_lengths):
+        """Each contender's timing on this batch (``calibrate.measure``), the model left on the last one timed."""
+        current = [contenders[0]]
 
         def switch(backend):
             current[0] = backend
             policy.apply(self.upstream, backend)
 
-        start = time.perf_counter()
-        timings = calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True),
-                                    contenders or (decision.implementation,), switch, self, input.device)
-        cost = time.perf_counter() - start
-        if together:
-            timings.update({r.backend: r.reason for r in decision.rejected})
-            timings = ranks.merge(ranks.gather(timings))
-            where += f", decided across {ranks.world_size()} ranks"
-        measured = calibrate.pick(timings, decision, where) or decision
-        self._timings[self._bucket_of(shape, together)] = timings
-        chosen = timings.get(measured.implementation)
-        batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, calibrate.Timing) else ""
-        logger.info("s3prl_flashcompat: %s (calibration took %.2f s%s)", measured.summary(), cost, batches)
-        return measured
-
-    def _second_look(self, decision, bucket) -> Optional[policy.AttnDecision]:
-        """The decision to calibrate again at batch ``RECHECK_AFTER`` of ``bucket``: the first look's pick and the
-        backends close to it (``calibrate.close_contenders``; under DDP from the timings all ranks share, so every
-        rank asks the same), the others rejected with their first-look reason. None when nothing came close."""
-        first, timings = self._measured[bucket], self._timings.get(bucket, {})
-        close = calibrate.close_contenders(timings, first.implementation)
-        if len(close) < 2:
-            return None
-        why = {b: f"not within {calibrate.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
-               if isinstance(t, calibrate.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
-        rejected = tuple(policy.Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
-        return replace(decision, contenders=close, rejected=decision.rejected + rejected)
-
-    def _bucket_of(self, shape, together) -> Tuple:
-        return self._key + (shape[0] if together else shape,)
+        return calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True), contenders,
+                                 switch, self, input.device)
 
     def _fall_back(self, exc: Exception) -> None:
         failed = self.attn_decision
@@ -183,9 +131,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
                        decision.summary(), _FIX)
         # This device and dtype now run on the fallback, whatever the batch shape: no more calibration.
         self._static[self._key] = decision
-        self._measured = {k: v for k, v in self._measured.items() if k[:2] != self._key}
-        self._seen = {k: v for k, v in self._seen.items() if k[:2] != self._key}
-        self._timings = {k: v for k, v in self._timings.items() if k[:2] != self._key}
+        self._tuner.forget(self._key)
         self.attn_decision = decision
 
 

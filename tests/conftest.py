@@ -1,4 +1,5 @@
-"""Test-suite wiring: the ``slow`` and ``gpu`` markers, GPU skipping, and session-wide fault and tiny-model fixtures."""
+"""Test-suite wiring: the ``slow`` and ``gpu`` markers, GPU skipping, a calibration store of its own for each test,
+and session-wide fault and tiny-model fixtures."""
 
 import pytest
 
@@ -19,6 +20,15 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         for item in gpu_items:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+@pytest.fixture(autouse=True)
+def calibration_store(tmp_path, monkeypatch):
+    """Each test (and the processes it starts) calibrates into a store of its own, never the user's cache: a test
+    that expects a calibration must not find one that an earlier test made."""
+    path = tmp_path / "calibration-store"
+    monkeypatch.setenv("ESPNET_FLASHCOMPAT_CALIBRATION_DIR", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ from stacks import S3PRL_DIST, STACK, TORCHAUDIO_BREAKS_STOCK, only_on
 DOCTOR = [sys.executable, "-m", "espnet_flashcompat", "doctor"]
 STALE = "not properly installed"
 TOP_KEYS = {"schema_version", "status", "exit_code", "mode", "package", "python", "torch", "devices", "flash_attn",
-            "transformers", "s3prl", "espnet", "startup_hook", "attention", "recommended", "findings", "model_attention"}
+            "transformers", "s3prl", "espnet", "startup_hook", "attention", "recommended", "findings", "model_attention",
+            "calibration_store"}
 BACKENDS = {"flash_attention_2", "sdpa", "eager"}
 
 
@@ -78,6 +79,9 @@ def test_stock_stack_is_healthy_and_names_what_is_broken():
     assert report["attention"]["implementation"] == "sdpa"
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "sdpa"
     assert "frontend: s3prl_flashcompat" in report["recommended"]["yaml"]
+    store = report["calibration_store"]  # the tests' own store (conftest), empty: no GPU calibrated
+    assert store["location"] == os.environ["ESPNET_FLASHCOMPAT_CALIBRATION_DIR"] and store["entries"] == 0
+    assert store["this_stack"] == 0 and "calibrations --clear" in store["clear"]
     text = render(report)
     assert f"{S3PRL_DIST} {s3prl['version']}" in text and text.endswith("Status: healthy (exit 0)")
     assert ("set_audio_backend" in text) == TORCHAUDIO_BREAKS_STOCK
@@ -86,8 +90,8 @@ def test_stock_stack_is_healthy_and_names_what_is_broken():
 @pytest.mark.slow
 def test_human_table_of_a_healthy_stack():
     out = _doctor("--quick", expect=0).stdout
-    for heading in ("Environment", "Devices", "flash-attn", "S3PRL", "ESPnet registration", "Recommended YAML",
-                    "Findings"):
+    for heading in ("Environment", "Devices", "flash-attn", "S3PRL", "ESPnet registration", "Calibration store",
+                    "Recommended YAML", "Findings"):
         assert f"\n{heading}" in out
     assert "attn_implementation: sdpa" in out and "upstream hf_wav2vec2_custom  imports" in out
     assert out.rstrip().endswith("Status: healthy (exit 0)")

@@ -92,13 +92,34 @@ def main(rank, scenario, world, init, tiny, device, out):
     x, n = 0.1 * torch.randn(2, max(lengths), generator=g), torch.tensor(lengths)
     x, n = x.to(device), n.to(device)
     result = {"rank": rank, "world": ranks.world_size()}
+    def decide(base):  # what the frontend does at its first forward under DDP, with a fresh tuner each time
+        from espnet_flashcompat.attention import tuner
+        timed = []
+        def measure(contenders):
+            timed.append(list(contenders))
+            return fe._measure(contenders, x, n)
+        decision = tuner.Tuner().decision((device, "torch.float32"), base, (True, 2, 32768, True), True,
+                                          policy.hf_model(fe.upstream), torch.device(device), measure)
+        return decision, timed
     if scenario == "agree":
-        # Rank 1 cannot run eager here (as a rank with an old GPU cannot run flash-attn): it says so.
+        # Rank 1 cannot run eager (as a rank with an old GPU cannot run flash-attn): it says so.
         contenders = ("sdpa", "eager") if rank == 0 else ("sdpa",)
         rejected = () if rank == 0 else (policy.Rejection("eager", "refused on rank 1 for this test"),)
         base = policy.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
-        decision = fe._calibrate(base, (True, 2, 32768, True), x, n, together=True)
+        decision, _ = decide(base)
         result.update(chosen=decision.implementation, summary=decision.summary())
+    elif scenario == "store":
+        # Each rank its own store (as nodes without a shared file system have): filled on both, then on rank 0 only.
+        from espnet_flashcompat.attention import store
+        os.environ[store.ENV_VAR] = f"{out}.calibration.{rank}"
+        base = policy.AttnDecision("auto", "sdpa", (), context=f"{device} float32", contenders=("sdpa", "eager"))
+        steps = []
+        for step in ("empty", "one rank cleared", "both filled"):
+            if step == "one rank cleared" and rank == 1:
+                store.clear()
+            decision, timed = decide(base)
+            steps.append(dict(step=step, timed=timed, chosen=decision.implementation, summary=decision.summary()))
+        result.update(steps=steps)
     else:  # "train": ranks on different backends under DDP still train one model; "ddp_auto": auto under DDP
         torch.manual_seed(0)
         # find_unused_parameters, as ESPnet recipes with S3PRL frontends set unused_parameters: true
@@ -145,6 +166,18 @@ def test_two_ranks_pick_the_same_backend_and_a_veto_holds(tmp_path, tiny_wav2vec
     assert [r["chosen"] for r in results] == ["sdpa", "sdpa"]  # eager is vetoed by rank 1, whatever it cost
     assert "eager: failed during calibration: rank 1: refused on rank 1 for this test" in results[0]["summary"]
     assert all("decided across 2 ranks" in r["summary"] for r in results), results
+
+
+@pytest.mark.slow
+def test_ranks_use_the_calibration_store_only_when_every_rank_has_the_entry(tmp_path, tiny_wav2vec2):
+    """A store entry some ranks see and others do not must not split them: then every rank measures, and all
+    take one decision; when every rank has it, none measures."""
+    results = _two_ranks(tmp_path, "store", str(tiny_wav2vec2))
+    for step, expect_timing in (("empty", True), ("one rank cleared", True), ("both filled", False)):
+        rows = [next(s for s in r["steps"] if s["step"] == step) for r in results]
+        assert all(bool(row["timed"]) == expect_timing for row in rows), (step, rows)
+        assert rows[0]["chosen"] == rows[1]["chosen"], (step, rows)
+    assert all("from the calibration store" in r["steps"][2]["summary"] for r in results), results
 
 
 @pytest.mark.slow

@@ -3,6 +3,10 @@
 - ``policy``: the policy. ``decide()`` checks each backend (flash_attention_2, sdpa, eager) against the request, the
   device, the dtype and the upstream, and gives a reason for every one it rejects; ``apply()`` switches a model.
 - ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch and keeps the fastest.
+- ``tuner``: when a frontend calibrates (per shape bucket, a first and a second look) and what it reuses instead.
+- ``calibration_key``: what a calibration depends on (GPU, driver and library versions, the model's attention, the
+  shape bucket, the contenders): the key it is kept under.
+- ``store``: finished calibrations on disk, shared by every process of a machine (or a cluster's shared directory).
 - ``sdpa_kernels``: SDPA's own kernels (cuDNN, flash, memory-efficient) as contenders, and the pin that runs one.
 - ``ranks``: under DDP, every rank runs the backend chosen from all ranks' timings.
 - ``transformers_compat``: the one place where transformers versions differ (attention switching in place).

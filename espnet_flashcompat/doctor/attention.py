@@ -121,3 +121,15 @@ def recommend(upstream: str, attention_info: dict) -> dict:
     lines += ["  download_dir: ./hub", "  multilayer_feature: true",
               f"  attn_implementation: {conf['attn_implementation']}  # {comment}"]
     return {"frontend": "s3prl_flashcompat", "frontend_conf": conf, "yaml": "\n".join(lines)}
+
+
+def calibration_store(devices: List[dict]) -> dict:
+    """Where ``auto`` keeps its calibrations, how many there are, and how many match this environment's stack on
+    one of its devices (those a run here would reuse)."""
+    from espnet_flashcompat.attention import calibration_key, store
+
+    location, records = store.location(), store.entries()
+    stacks = [calibration_key.stack(d["device"]) for d in devices if d["capability"]]
+    mine = [r for r in records if any(all(r.key.fields()[k] == v for k, v in s.items()) for s in stacks)]
+    return {"location": str(location) if location else None, "env": store.ENV_VAR, "entries": len(records),
+            "this_stack": len(mine), "clear": "espnet-flashcompat calibrations --clear"}

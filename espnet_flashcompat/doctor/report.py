@@ -68,6 +68,8 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
                                    selfattn|rel_selfattn: {implementation, rejected: {backend: reason}}}]}
                      requested: ESPNET_FLASHCOMPAT_MODEL_ATTN's value, else auto (what the YAML opt-in would ask);
                      or {error} when it cannot be asked (torch missing)
+    calibration_store {location: str|null (null: off), env, entries, this_stack, clear}: where auto keeps its
+                     calibrations; this_stack: the entries a run on this environment's GPUs would reuse
     findings         [{level: "error"|"degraded"|"warning", topic, message, fix}]
 """
 
@@ -109,6 +111,7 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     report["devices"] = attention.devices(model, report["torch"])
     report["attention"].update(attention.recommended_decision(report["devices"]))
     report["model_attention"] = attention.model_attention(add, report["devices"])
+    report["calibration_store"] = attention.calibration_store(report["devices"])
     report["espnet"] = _espnet(add, quick)
     report["recommended"] = attention.recommend(upstream or DEFAULT_UPSTREAM, report["attention"])
     _warn_transformers_blind(add, report["flash_attn"])

@@ -76,6 +76,13 @@ def render(report: dict) -> str:
     section("ESPnet registration of s3prl_flashcompat (espnet2.tasks.* shortened)",
             rows + [("", f"{t}: {e}") for t, e in es["task_errors"].items()] + [("startup hook", hook_text)])
 
+    cal = report["calibration_store"]
+    section("Calibration store (auto's timings, reused by later runs)", [
+        ("location", cal["location"] or f"off ({cal['env']})"),
+        ("entries", f"{cal['entries']}, {cal['this_stack']} for this environment's GPUs and libraries"),
+        ("clear", cal["clear"]),
+    ])
+
     att = report["attention"]
     if att["env_override"]:
         out.append(f"ESPNET_FLASHCOMPAT_ATTN={att['env_override']} overrides the YAML below.")

@@ -1,0 +1,131 @@
+"""When ``auto`` calibrates, and what it reuses instead: one frontend's calibrations, per shape bucket.
+
+``Tuner.decision()`` gives the decision for a batch: the policy's (``static``) when nothing contends; else, per
+shape bucket (``calibrate.bucket``), a calibration at the bucket's first batch and a second look at its
+``calibrate.RECHECK_AFTER``-th that times only the backends that came close (``calibrate.close_contenders``). A
+calibration is taken from the calibration store (``store``) when it holds the key (``calibration_key``), and every
+finished one is written there, so that a later process on the same machine and stack measures nothing; an entry
+made at the second look settles the bucket for good. Under DDP (``together``) there is one bucket per train/eval,
+every rank measures or every rank reads the store (``ranks`` shares what each found), so that all pick alike.
+The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
+"""
+
+import logging
+import time
+from dataclasses import replace
+from typing import Callable, Dict, Optional, Set, Tuple
+
+from espnet_flashcompat.attention import calibrate, calibration_key, ranks, sdpa_kernels, store
+from espnet_flashcompat.attention.policy import AttnDecision, Rejection
+
+logger = logging.getLogger(__name__)
+
+
+class Tuner:
+    """The calibrations of one frontend: decisions, timings and batches seen, per (device, dtype, bucket)."""
+
+    def __init__(self, name: str = "s3prl_flashcompat"):
+        self.name = name  # the log lines' prefix
+        self.decisions: Dict[Tuple, AttnDecision] = {}
+        self.seen: Dict[Tuple, int] = {}
+        self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
+        self.settled: Set[Tuple] = set()  # buckets whose store entry came from a second look: no more timing
+
+    def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
+                 measure: Callable) -> AttnDecision:
+        """The decision for a batch of ``shape`` on ``key`` = (device, dtype in effect); ``model``: the HF model
+        whose attention is chosen (the store's key), None for no store."""
+        bucket = key + (shape[0] if together else shape,)  # DDP: one calibration for train, one for eval
+        seen = self.seen[bucket] = self.seen.get(bucket, 0) + 1
+        if seen == 1:
+            self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
+        elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
+            second = self._second_look(static, bucket)  # DDP: only training, whose steps are in lockstep
+            if second is not None:
+                self.decisions[bucket] = self._calibrate(bucket, second, shape, together, model, device, measure,
+                                                         seen)
+        return self.decisions[bucket]
+
+    def forget(self, key: Tuple) -> None:
+        """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
+        for table in (self.decisions, self.seen, self.timings):
+            for bucket in [b for b in table if b[:2] == key]:
+                del table[bucket]
+        self.settled = {b for b in self.settled if b[:2] != key}
+
+    def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen) -> AttnDecision:
+        refused = tuple(Rejection(b, why) for b in decision.contenders
+                        if (why := sdpa_kernels.shape_rejection(b, ragged=shape[3])))
+        contenders = tuple(b for b in decision.contenders if b not in {r.backend for r in refused})
+        decision = replace(decision, contenders=contenders, rejected=decision.rejected + refused)
+        where = calibrate.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
+        if len(contenders) == 1 and not together:  # nothing to choose among on this shape
+            decision = replace(decision, implementation=contenders[0], contenders=(),
+                               context=f"{decision.context}, {where}")
+            logger.info("%s: %s (the only contender that takes this shape)", self.name, decision.summary())
+            return decision
+        if together:
+            where += f", decided across {ranks.world_size()} ranks"
+        key = model is not None and calibration_key.key_for(
+            model, bucket[1], (shape[0], "ranks", ranks.world_size()) if together else shape,
+            contenders or (decision.implementation,), device) or None
+        if seen == 1:
+            stored = self._from_store(bucket, key, decision, together, where)
+            if stored is not None:
+                return stored
+        try:
+            start = time.perf_counter()
+            timings = measure(contenders or (decision.implementation,))
+            cost = time.perf_counter() - start
+            if together:
+                timings.update({r.backend: r.reason for r in decision.rejected})
+                timings = ranks.merge(ranks.gather(timings))
+            measured = calibrate.pick(timings, decision, where) or decision
+            timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
+            kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
+        finally:
+            store.release(key)  # processes waiting for this key go ahead, whatever happened here
+        self.timings[bucket] = timings
+        chosen = timings.get(measured.implementation)
+        batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, calibrate.Timing) else ""
+        logger.info("%s: %s (calibration took %.2f s%s%s)", self.name, measured.summary(), cost, batches,
+                    "; kept in the calibration store" if kept else "")
+        return measured
+
+    def _from_store(self, bucket, key, decision, together, where) -> Optional[AttnDecision]:
+        """The decision of a stored calibration of ``key``, or None (then measure). Single process: ``lookup``
+        waits for another process that is measuring the same key. DDP: a hit only if every rank has one."""
+        if together:
+            entry = store.load(key)
+            found = ranks.gather(entry and (entry.timing_objects(), entry.batch))
+            if not all(f and f[0] for f in found):
+                return None
+            timings, batch = ranks.merge([f[0] for f in found]), min(f[1] for f in found)
+            stored = calibrate.pick(timings, decision, where + ", from the calibration store")
+        else:
+            entry = store.lookup(key)
+            timings = entry and entry.timing_objects()
+            stored = timings and entry.decision(decision, where + ", from the calibration store")
+            batch = entry and entry.batch
+        if not stored:  # a miss: this process now holds the key's claim until it saves what it measures
+            return None
+        self.timings[bucket] = timings
+        if batch >= calibrate.RECHECK_AFTER:
+            self.settled.add(bucket)
+        logger.info("%s: %s (from the calibration store: measured at batch %d of its bucket; %s)", self.name,
+                    stored.summary(), batch, "settled" if bucket in self.settled else "timed again at batch "
+                    f"{calibrate.RECHECK_AFTER}")
+        return stored
+
+    def _second_look(self, decision, bucket) -> Optional[AttnDecision]:
+        """The decision to calibrate again: the first look's pick and the backends close to it (under DDP from the
+        timings all ranks share, so every rank asks the same), the others rejected with their first-look reason.
+        None when nothing came close."""
+        first, timings = self.decisions[bucket], self.timings.get(bucket, {})
+        close = calibrate.close_contenders(timings, first.implementation)
+        if len(close) < 2:
+            return None
+        why = {b: f"not within {calibrate.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
+               if isinstance(t, calibrate.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
+        rejected = tuple(Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
+        return replace(decision, contenders=close, rejected=decision.rejected + rejected)
