@@ -13,9 +13,12 @@ kernel that refuses the batch says why in its cell).
 it: the policy (``policy.decide``) names the contenders (flash_attention_2 and SDPA's kernels), calibration
 (``calibrate.measure`` on that row's batch, then ``calibrate.pick``) picks on the first batch of the bucket, the
 pick runs ``calibrate.RECHECK_AFTER`` - 2 more steps, and calibration picks again on the next: that second pick is
-timed like the others. *picked / best* compares the picked backend's own column with the row's best: by median,
-by mean (what training pays), and the 95% bootstrap interval of the mean ratio over whole rounds. *calibration*:
-the wall seconds of both calibrations and their share of a 1,000-step run of that row on the pick.
+timed like the others. Both go through the frontend's own ``tuner.Tuner`` (SDPA's flash kernel skipped on ragged
+batches, racing, the second look timing only close contenders) with a new calibration store. *picked / best*
+compares the picked backend's own column with the row's best: by median, by mean (what training pays), and the 95%
+bootstrap interval of the mean ratio over whole rounds. *calibration*: the wall seconds of both looks and their
+share of a 1,000-step run of that row on the pick; *second run*: the same two looks by a new tuner over the same
+store, as a later process (a resumed run, a decode job) makes them.
 
 Ragged batches' lengths run from 100% down to 30% of the longest and pass an attention mask, as S3PRL does; full
 batches pass none. The train step is forward plus backward of a scalar loss in train mode (the models' dropouts;
@@ -33,10 +36,13 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import platform
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -116,14 +122,15 @@ def auto_choice(model, dtype):
     return policy.decide(policy.AUTO, holder, torch.device("cuda", torch.cuda.current_device()), dtype)
 
 
-def calibrated_choice(model, decision, x, mask, train: bool):
-    """What the frontend's calibration picks on this batch, as the frontend runs it:
-    (decision, {backend: timing or error}, seconds the calibration took)."""
+def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int = 1):
+    """What the frontend's calibration gives at the ``batch``-th batch of this row's bucket, through the frontend's
+    own ``tuner.Tuner`` (the shape check, racing, the second look, the calibration store):
+    (decision, {backend: timing or error} of what was timed, wall seconds the tuner took)."""
     from espnet_flashcompat.attention import calibrate, sdpa_kernels
 
     if not decision.contenders:
         return decision, {}, 0.0
-    current = [decision.implementation]
+    current, timed = [decision.implementation], {}
 
     def switch(backend):
         current[0] = backend
@@ -133,12 +140,20 @@ def calibrated_choice(model, decision, x, mask, train: bool):
         with sdpa_kernels.pinned(current[0], strict=True):
             return model(x, attention_mask=mask).last_hidden_state
 
-    start = time.perf_counter()
+    def measure(contenders):
+        timings = calibrate.measure(forward, contenders, switch, model, x.device)
+        timed.update({b: str(t) for b, t in timings.items()})
+        return timings
+
+    lengths = mask.sum(-1) if mask is not None else torch.full((x.shape[0],), x.shape[-1], device=x.device)
+    key = (str(x.device), str(x.dtype))  # the frontend's (device, dtype in effect)
     with torch.set_grad_enabled(train):
-        timings = calibrate.measure(forward, decision.contenders, switch, model, x.device)
-    cost = time.perf_counter() - start
-    picked = calibrate.pick(timings, decision, "benchmark row") or decision
-    return picked, {b: str(t) for b, t in timings.items()}, cost
+        shape = calibrate.bucket(x, lengths)
+        tuner.seen[key + (shape,)] = batch - 1  # the tuner counts a bucket's batches; the steps between were run
+        start = time.perf_counter()
+        picked = tuner.decision(key, decision, shape, False, model, x.device, measure)
+        cost = time.perf_counter() - start
+    return picked, timed, cost
 
 
 def set_backend(model, backend: str) -> None:
@@ -170,15 +185,24 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         x, mask = make_batch(seconds, ragged, dtype)
         # As the frontend: calibrate on the first batch of the bucket, train on the pick until the bucket's
         # RECHECK_AFTER-th batch, calibrate again there, and keep that pick (the auto column)
-        from espnet_flashcompat.attention import calibrate
+        from espnet_flashcompat.attention import calibrate, store, tuner
 
-        first, first_calibration, first_cost = calibrated_choice(model, decision, x, mask, train)
+        # First run: a new store; second run: a new process's tuner over the same store
+        store_dir = tempfile.mkdtemp(prefix="attention_matrix_store_")
+        os.environ[store.ENV_VAR] = store_dir
+        first_tuner = tuner.Tuner("benchmark")
+        first, first_calibration, first_cost = calibrated_choice(model, decision, x, mask, train, first_tuner)
         if decision.contenders:
             set_backend(model, first.implementation)
             warm = step_fn(model, x, mask, train, first.implementation, strict=False)
             for _ in range(calibrate.RECHECK_AFTER - 2):
                 warm()
-        picked, calibration, recheck_cost = calibrated_choice(model, decision, x, mask, train)
+        picked, calibration, recheck_cost = calibrated_choice(model, decision, x, mask, train, first_tuner,
+                                                              calibrate.RECHECK_AFTER)
+        again = tuner.Tuner("benchmark")
+        second_run = [calibrated_choice(model, decision, x, mask, train, again, n)[2]
+                      for n in (1, calibrate.RECHECK_AFTER)]
+        shutil.rmtree(store_dir, ignore_errors=True)
         logger.info("%s %gs%s %s: first batch %s -> %s; batch %d %s -> %s", kind, seconds,
                     " ragged" if ragged else "", "train" if train else "inference", first_calibration,
                     first.implementation, calibrate.RECHECK_AFTER, calibration, picked.implementation)
@@ -220,8 +244,9 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
                "first_pick": first.implementation, "first_calibration": first_calibration,
                "calibration": calibration, "rounds": r, "cells": cells,
                "calibration_s": [first_cost, recheck_cost],  # both calibrations, wall seconds
-               "calibration_share_1000": ((first_cost + recheck_cost) / (first_cost + recheck_cost + step_ms * 1e-3 * 1000)
-                                          if step_ms else None),
+               "calibration_share_1000": share(first_cost + recheck_cost, step_ms),
+               "second_run_s": second_run,  # the same two looks in a later process: from the store
+               "second_run_share_1000": share(sum(second_run), step_ms),
                "pick_interval": pick_interval(cells, picked.implementation, backends, iters)}
         rows.append(row)
         logger.info("%s %s: %s", kind, case_name(row), "  ".join(
@@ -229,6 +254,11 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
     del model
     torch.cuda.empty_cache()
     return {"model": kind, "auto_decision": decision.summary(), "rows": rows}
+
+
+def share(cost_s: float, step_ms, steps: int = 1000):
+    """``cost_s`` as a share of a ``steps``-step run of the row on the pick, the cost included."""
+    return cost_s / (cost_s + step_ms * 1e-3 * steps) if step_ms else None
 
 
 def pick_interval(cells, picked: str, backends, iters: int, resamples: int = 2000):
@@ -255,8 +285,9 @@ def case_name(row) -> str:
 def table(result, backends) -> str:
     names = (*backends, "auto")
     lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked (first batch -> batch 50) | "
-             "pick / best: median, mean [95% interval] | calibration: s, share of 1000 steps | rounds, worst spread |",
-             "|---" * (len(names) + 5) + "|"]
+             "pick / best: median, mean [95% interval] | calibration: s, share of 1000 steps | "
+             "second run (same store): s, share | rounds, worst spread |",
+             "|---" * (len(names) + 6) + "|"]
     for row in result["rows"]:
         cells = []
         for name in names:
@@ -269,11 +300,12 @@ def table(result, backends) -> str:
         worst = max(c.get("round_spread", 0.0) for c in row["cells"].values())
         picked = row["cells"].get(row["auto"], {})  # the picked backend's own column
         first = "" if row["first_pick"] == row["auto"] else f"{row['first_pick']} -> "
-        share = row.get("calibration_share_1000")
+        share, again = row.get("calibration_share_1000"), row.get("second_run_share_1000")
         lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {first}{row['auto']} | "
                      f"{picked.get('ratio', float('nan')):.3f}x, {picked.get('mean_ratio', float('nan')):.3f}x "
                      f"[{interval(row)}] | {sum(row['calibration_s']):.1f}, "
-                     f"{'-' if share is None else f'{share:.2%}'} | {row['rounds']}, {worst:.0%} |")
+                     f"{'-' if share is None else f'{share:.2%}'} | {sum(row['second_run_s']):.2f}, "
+                     f"{'-' if again is None else f'{again:.2%}'} | {row['rounds']}, {worst:.0%} |")
     return "\n".join(lines)
 
 
