@@ -3,7 +3,8 @@
 Real checkpoints cannot be downloaded everywhere, so this writes a randomly initialised Hugging Face
 wav2vec2 or HuBERT model (``save_pretrained`` plus the ``preprocessor_config.json`` that S3PRL's
 ``hf_wav2vec2_custom``/``hf_hubert_custom`` upstreams require) to a directory: pass that directory as
-``frontend_conf.path_or_url``.
+``frontend_conf.path_or_url``. ``make_tiny_wavlm_checkpoint`` writes a random WavLM in S3PRL's own checkpoint
+format, for ``upstream: wavlm_local``.
 """
 
 from pathlib import Path
@@ -66,4 +67,60 @@ def make_tiny_hf_upstream(
     Wav2Vec2FeatureExtractor(
         feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=True
     ).save_pretrained(out)
+    return out
+
+
+def make_tiny_wavlm_checkpoint(
+    path,
+    num_layers: int = 2,
+    dim: int = 32,
+    num_heads: int = 2,
+    layer_norm_first: bool = False,
+    seed: int = 0,
+    **cfg_overrides,
+) -> Path:
+    """Write a random-weight S3PRL WavLM checkpoint to the file ``path`` (reused if there); return the path.
+
+    S3PRL's own format, ``{"cfg": WavLMConfig fields, "model": state_dict}``, as its ``wavlm_local`` upstream
+    loads it: ``upstream: wavlm_local`` with ``path_or_url: <path>``. Gated relative-position bias as the released
+    checkpoints (``relative_position_embedding``, ``gru_rel_pos``), with 32 buckets up to distance 64 so that short
+    inputs reach the logarithmic buckets. The convolutional front end keeps the real stride (320 samples) with
+    ``dim`` channels. ``layer_norm_first=True`` is wavlm_large's layout (and its layer-norm front end and
+    normalized input); False is wavlm_base_plus's. ``cfg_overrides`` set any other ``WavLMConfig`` field.
+    """
+    out = Path(path)
+    if out.is_file():
+        return out
+    import torch
+    from s3prl.upstream.wavlm.WavLM import WavLM, WavLMConfig
+
+    cfg = dict(
+        encoder_layers=num_layers,
+        encoder_embed_dim=dim,
+        encoder_ffn_embed_dim=4 * dim,
+        encoder_attention_heads=num_heads,
+        conv_feature_layers=f"[({dim},10,5)] + [({dim},3,2)] * 4 + [({dim},2,2)] * 2",
+        conv_pos=16,
+        conv_pos_groups=2,
+        layer_norm_first=layer_norm_first,
+        extractor_mode="layer_norm" if layer_norm_first else "default",
+        normalize=layer_norm_first,
+        relative_position_embedding=True,
+        num_buckets=32,
+        max_distance=64,
+        gru_rel_pos=True,
+        encoder_layerdrop=0.0,
+    )
+    cfg.update(cfg_overrides)
+    torch.manual_seed(seed)
+    config = WavLMConfig(cfg)
+    model = WavLM(config)
+    with torch.no_grad():  # the bias table and gates as trained ones are: not at their initial values
+        for module in model.modules():
+            if hasattr(module, "grep_a"):
+                module.grep_a.uniform_(0.5, 1.5)
+                module.grep_linear.bias.normal_(0, 0.5)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"cfg": dict(vars(config)), "model": model.state_dict()}, out.with_name(out.name + ".part"))
+    out.with_name(out.name + ".part").replace(out)
     return out

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# The GPU truth run (issue 5): the GPU-marked tests (tests/test_gpu.py, scenarios a-e) and the attention benchmark
-# (benchmarks/attention_matrix.py) on the lent H200 machine, which has no network: Python 3.12, torch 2.11.0+cu130,
-# torchaudio 2.11.0 and transformers 5.17.0 preinstalled, no espnet, no s3prl. Logs and tables go to OUT_DIR.
+# The GPU run: the gpu-marked tests (every `-m gpu` test under tests/) and the GPU benchmarks, on a GPU machine
+# without network access (docs/gpu.md): Python 3.12 with torch 2.11.0+cu130, torchaudio 2.11.0, transformers 5.17.0,
+# pytest and pytest-timeout installed; no espnet, no s3prl. Logs and tables go to OUT_DIR.
 #
 #   bash scripts/gpu.sh OUT_DIR [all|tests|bench] [ARGS]   # default: all; ARGS go to attention_matrix.py
 #   bash scripts/gpu.sh OUT_DIR espnet [ARGS]               # benchmarks/espnet_attention.py (ESPnet's own attention)
 #   bash scripts/gpu.sh OUT_DIR probe [ARGS]                # benchmarks/sdpa_kernel_probe.py (which SDPA kernel runs)
+#   bash scripts/gpu.sh OUT_DIR wavlm [ARGS]                # tests/test_wavlm.py's GPU tests, then benchmarks/wavlm.py
 #
 # The ESPnet stack: ESPNET_FLASHCOMPAT_STACK=current (default: espnet 202611 + espnet-s3prl, from .whl/site) or
 # legacy (espnet 202511 + s3prl 0.4.18, from .whl/site-legacy). The machine's own torch, torchaudio and
 # transformers serve both.
-# Measured on an H100 with the legacy stack (2026-11-23): about 1 minute of install, 4.5 minutes of tests, 9.5 of
-# benchmark (4.7 per model). Where one command may run 10 minutes at most, make three: `tests`,
-# `bench --models wav2vec2`, `bench --models hubert`.
+# Run times: docs/gpu.md. To keep each command short, split the work: `tests`, `bench --models wav2vec2`,
+# `bench --models hubert`.
 # Before: on a machine with PyPI, `bash scripts/gpu_wheels.sh` fills .whl/site (espnet 202611, espnet-s3prl and the
 # imports the machine's image lacks), .whl/faults (the fault fixtures' flash-attn sdist and transformers 4.46) and
-# .fa/ (the healthy sm90 flash-attn of ../shared/gpu, LZMA-repacked); `ESPNET_FLASHCOMPAT_STACK=legacy bash
-# scripts/gpu_wheels.sh` fills .whl/site-legacy instead of .whl/site. Copy the repo with .whl/ and .fa/ to the GPU
-# machine. Nothing is installed into the machine's Python: everything goes into --target folders under
+# .fa/ (a healthy flash-attn wheel built for sm_90, LZMA-repacked; gpu_wheels.sh's header says where it comes
+# from); `ESPNET_FLASHCOMPAT_STACK=legacy bash scripts/gpu_wheels.sh` fills .whl/site-legacy instead of .whl/site.
+# Copy the repo with .whl/ and .fa/ to the GPU machine (.whl/site-legacy, or .whl/site, may stay behind when only
+# the other stack runs). Nothing is installed into the machine's Python: everything goes into --target folders under
 # $EFC_GPU_WORK (default /tmp/efc-gpu) that PYTHONPATH names. So the startup hook (espnet_flashcompat.pth) is not
 # active there by itself: gpu.sh puts its .pth line in $W/hook, which $W/boot/sitecustomize.py adds as a site dir.
 # What it runs, exactly (W=$EFC_GPU_WORK, R=the repo, S=site for current, site-legacy for legacy):
@@ -30,11 +31,8 @@
 #   python3 -m pytest -m gpu tests/ -v -rA --timeout 400   (EFC_GPU_TESTS: more pytest args)
 #   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR ARGS
 # The install is redone whenever the wheels differ from those recorded in $W/installed (another stack, new wheels).
-# In this workplace, from the repo root: device run(command="bash scripts/gpu.sh $OUT tests", carry=[".whl", ".fa"]),
-# then the same with "bench --models wav2vec2" and "bench --models hubert". Each call carries 64 MiB at most: with
-# both stacks fetched, carry only the folders in use, e.g. carry=[".whl/site", ".whl/faults", ".fa"].
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe] [benchmark args]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe|wavlm] [benchmark args]}
 what=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -76,7 +74,7 @@ fi
 # stock `python -m espnet2.bin.asr_train` and DDP's spawned workers see s3prl_flashcompat (tests/faults.py's
 # prelude runs this sitecustomize after its own).
 mkdir -p "$W/hook" "$W/boot"
-(cd "$repo" && "$PY" -c 'import sys; from espnet_flashcompat.registry import PTH_LINE, PTH_NAME
+(cd "$repo" && "$PY" -c 'import sys; from espnet_flashcompat.espnet.registry import PTH_LINE, PTH_NAME
 open(sys.argv[1] + "/" + PTH_NAME, "w").write(PTH_LINE)' "$W/hook")
 printf 'import site\nsite.addsitedir(%s)\n' "'$W/hook'" > "$W/boot/sitecustomize.py"
 export PYTHONPATH="$W/site:$repo:$W/boot${PYTHONPATH:+:$PYTHONPATH}"
@@ -117,6 +115,13 @@ fi
 if [ "$what" = espnet ]; then
     stamp "ESPnet attention benchmark -> $out/espnet_attention.{md,json}, $out/espnet.log"
     PYTHONPATH="$W/fa:$PYTHONPATH" "$PY" benchmarks/espnet_attention.py --out "$out" "$@" 2>&1 | tee "$out/espnet.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = wavlm ]; then
+    stamp "WavLM GPU tests -> $out/pytest_wavlm.log; WavLM benchmark -> $out/wavlm.{md,json}, $out/wavlm.log"
+    "$PY" -m pytest -m gpu tests/test_wavlm.py -v -rA -p no:cacheprovider 2>&1 | tee "$out/pytest_wavlm.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    "$PY" benchmarks/wavlm.py --out "$out" "$@" 2>&1 | tee "$out/wavlm.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = probe ]; then

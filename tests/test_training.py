@@ -12,6 +12,7 @@ import soundfile
 import yaml
 
 from faults import run
+from stacks import STACK
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +39,10 @@ def corpus(tmp_path_factory):
     return root
 
 
-def _config(tmp_path, tiny, **frontend_conf):
+def _config(tmp_path, tiny, upstream="hf_wav2vec2_custom", **frontend_conf):
     config = {
         "frontend": "s3prl_flashcompat",
-        "frontend_conf": {"frontend_conf": {"upstream": "hf_wav2vec2_custom", "path_or_url": str(tiny)},
+        "frontend_conf": {"frontend_conf": {"upstream": upstream, "path_or_url": str(tiny)},
                           "multilayer_feature": True, **frontend_conf},
         "encoder": "transformer",
         "encoder_conf": {"output_size": 16, "attention_heads": 2, "linear_units": 32, "num_blocks": 1,
@@ -107,3 +108,24 @@ def test_another_task_accepts_the_key():
     proc = run([sys.executable, "-m", "espnet2.bin.st_train", "--print_config", "--frontend", "s3prl_flashcompat"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "frontend: s3prl_flashcompat" in proc.stdout and "attn_implementation: auto" in proc.stdout
+
+
+def test_wavlm_local_trains_on_the_lean_path_and_hands_off_to_stock(corpus, tmp_path):
+    """The path users take with S3PRL's own WavLM: a checkpoint in S3PRL's format through ``wavlm_local``, stock
+    ``asr_train`` with ``frontend: s3prl_flashcompat``: its attention runs the lean path, and the trained model
+    hands off to stock ESPnet with the same keys and outputs (where stock S3PRL imports: the current stack)."""
+    from espnet_flashcompat.testing import make_tiny_wavlm_checkpoint
+
+    checkpoint = make_tiny_wavlm_checkpoint(tmp_path / "tiny_wavlm.pt")
+    out = tmp_path / "exp"
+    proc = _train(corpus, _config(tmp_path, checkpoint, upstream="wavlm_local"), out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "s3prl_flashcompat: upstream wavlm_local, attention wavlm-lean (requested auto)" in proc.stderr
+    assert "WavLM attention: wavlm-lean on 2 modules" in proc.stderr
+    handoff = run([sys.executable, "-m", "espnet_flashcompat", "to-stock", out / "config.yaml", tmp_path / "stock",
+                   "--model", "1epoch.pth"], timeout=900)
+    if STACK == "current":
+        assert handoff.returncode == 0, handoff.stdout[-2000:] + handoff.stderr[-3000:]
+        assert "keys matched" in handoff.stdout and "(strict)" in handoff.stdout
+    else:  # s3prl 0.4.18's hub imports byol_s, which torchaudio >= 2.9 breaks: stock ESPnet cannot build any S3PRL
+        assert handoff.returncode == 1 and "cannot be verified" in handoff.stderr + handoff.stdout

@@ -11,6 +11,9 @@
 - ``ranks``: under DDP, every rank runs the backend chosen from all ranks' timings.
 - ``transformers_compat``: the one place where transformers versions differ (attention switching in place).
 - ``relpos_sdpa``: ESPnet's relative-position attention through SDPA, keeping no time x time tensor.
+- ``wavlm``: S3PRL's own WavLM on its lean path (patches its attention modules in place, and back).
+- ``wavlm_kernel``: WavLM's gated relative-position attention itself: the bias built in the query's dtype for
+  SDPA's kernels and rebuilt for the backward instead of kept.
 
 In 0.1 the policy was the module ``espnet_flashcompat.attention``; its names still resolve here.
 """

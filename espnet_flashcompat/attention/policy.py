@@ -2,11 +2,13 @@
 
 ``decide()`` is the policy: it takes the request, the device, the dtype and the upstream, and returns an
 ``AttnDecision``. Under ``auto`` on CUDA, when more than one backend passes, the decision lists them as
-``contenders`` and ``calibrate`` times them on the real batches. ``apply()`` puts a decision into a Hugging
-Face model, and ``is_flash_kernel_error()`` recognises the flash-attn kernel errors that justify a switch at
-run time. Native S3PRL upstreams
-attend through ``F.multi_head_attention_forward`` (already SDPA) and offer no choice: their decision
-says ``native-sdpa`` rather than claim a choice that was not made.
+``contenders`` and ``calibrate`` times them on the real batches. ``apply()`` puts a decision into the upstream, and
+``is_flash_kernel_error()`` recognises the flash-attn kernel errors that justify a switch at run time.
+
+Hugging Face upstreams choose among flash_attention_2, sdpa (and its kernels) and eager. S3PRL's own WavLM runs its
+lean path (``wavlm``: the gated relative-position bias built for SDPA's kernels and rebuilt for the backward), or,
+for ``eager``, S3PRL's own attention. Other native S3PRL upstreams attend through ``F.multi_head_attention_forward``
+(already SDPA) and offer no choice: their decision says ``native-sdpa`` rather than claim a choice that was not made.
 """
 
 import logging
@@ -17,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 
 from espnet_flashcompat.s3prl import guard
-from espnet_flashcompat.attention import sdpa_kernels, transformers_compat
+from espnet_flashcompat.attention import sdpa_kernels, transformers_compat, wavlm
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +27,7 @@ ENV_VAR = "ESPNET_FLASHCOMPAT_ATTN"
 AUTO, FLASH, SDPA, EAGER = "auto", "flash_attention_2", "sdpa", "eager"
 CHOICES = (AUTO, FLASH, SDPA, EAGER)
 NATIVE_SDPA, NO_ATTENTION = "native-sdpa", "none"
+WAVLM_LEAN = wavlm.LEAN  # S3PRL's own WavLM on its lean path
 _ORDER = (FLASH, SDPA, EAGER)  # fastest first; an explicit request is downgraded along this order
 
 _KERNEL_ERRORS = (
@@ -59,7 +62,10 @@ class AttnDecision:
 
     @property
     def downgraded(self) -> bool:
-        return self.requested not in (AUTO, self.implementation)
+        """The request was not met: another backend runs. SDPA is met by a native upstream's own SDPA and by
+        WavLM's lean path (SDPA's kernels with the bias built for them)."""
+        met = (SDPA, NATIVE_SDPA, WAVLM_LEAN) if self.requested == SDPA else (self.requested,)
+        return self.requested != AUTO and self.implementation not in met
 
     def summary(self) -> str:
         why = "; ".join(f"{r.backend}: {r.reason}" for r in self.rejected)
@@ -99,7 +105,9 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
     """
     context = f"{device} {str(dtype).replace('torch.', '')}" if device is not None else ""
     model = hf_model(upstream)
-    if model is None:
+    if model is None and wavlm.is_wavlm(upstream):
+        decision = _wavlm_decision(requested, source, context)
+    elif model is None:
         native = NATIVE_SDPA if _has_attention(upstream) else NO_ATTENTION
         rejected = ()
         if requested not in (AUTO, SDPA) or (requested == SDPA and native == NO_ATTENTION):
@@ -125,6 +133,17 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
     if strict and decision.rejected and requested != AUTO:
         raise AttentionUnavailableError(f"strict: {decision.summary()}")
     return decision
+
+
+def _wavlm_decision(requested: str, source: str, context: str) -> AttnDecision:
+    """S3PRL's own WavLM: its lean path (``wavlm``) for ``auto`` and ``sdpa``, on every device (its outputs are
+    stock's, its memory about half; where the kernel ops are missing it runs SDPA with the bias, as stock does);
+    ``eager``: S3PRL's own attention, as stock runs it. Its gated relative-position bias has no flash-attn path."""
+    if requested == EAGER:
+        return AttnDecision(requested, EAGER, (), source, context)
+    rejected = (Rejection(FLASH, "WavLM's gated relative-position bias has no flash-attn path"),) \
+        if requested == FLASH else ()
+    return AttnDecision(requested, WAVLM_LEAN, rejected, source, context)
 
 
 def _rejection(backend: str, model, device, dtype) -> Optional[str]:
@@ -167,6 +186,9 @@ def apply(upstream, implementation: str) -> None:
     """Switch the HF model inside ``upstream`` to ``implementation`` in place (a no-op for native upstreams): the
     model keeps its parameters, so optimizers, adapters, hooks and frozen layers are untouched by the switch."""
     model = hf_model(upstream)
+    if model is None and implementation in (WAVLM_LEAN, EAGER) and wavlm.is_wavlm(upstream):
+        wavlm.install(upstream, wavlm.LEAN if implementation == WAVLM_LEAN else wavlm.STOCK)
+        return
     implementation = sdpa_kernels.backend_of(implementation)  # sdpa:<kernel>: sdpa, its kernel pinned per forward
     if model is None or model.config._attn_implementation == implementation:
         return
