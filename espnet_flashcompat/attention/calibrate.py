@@ -6,7 +6,8 @@ not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` tu
 ``AttnDecision``: the fastest (by mean time) of the backends whose peak memory is within ``MEMORY_CAP`` of the
 leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and the leaner one is steady, and a
 reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
-fastest leaves the race early (``RACE_AFTER``), and ``close_contenders()`` names the few worth a second look.
+fastest leaves the race early (``RACE_AFTER``), timing stops as soon as every mean is known well enough
+(``SETTLED``), and ``close_contenders()`` names the few worth a second look.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -23,7 +24,7 @@ from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 from espnet_flashcompat.s3prl.errors import one_line
 
 REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
-CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE of each other
+CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE and not SETTLED
 TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it, if steady
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
@@ -37,6 +38,10 @@ RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10%
 # all above 3 of the other would happen by chance once in 20 (3! 3! / 6!), before the TIME_NOISE gap is asked too;
 # and a backend outrun so cannot be picked on time (its mean is more than TIME_NOISE above the leader's).
 RACE_AFTER = 3
+# Known well enough: once every backend still racing has at least RACE_AFTER timed runs and the standard error of its
+# mean is within SETTLED of the mean, timing stops (before REPEATS). Two means so known differ from the true ones by
+# less than TIME_NOISE together at about three standard errors: a 2% gap is not mistaken, a tie within 2% is one.
+SETTLED = 0.005
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
             while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, set(failed) | outrun)):
                 if round_ > RACE_AFTER:
                     outrun |= _outrun(times, peaks, set(failed) | outrun)
+                    if _settled(times, set(failed) | outrun):
+                        break
                 for backend in (backends if round_ % 2 else backends[::-1]):
                     if backend in failed or backend in outrun:
                         continue
@@ -126,6 +133,13 @@ def _close(times: Dict[str, list], out: Set[str]) -> bool:
     """Whether the two fastest backends still racing are within TIME_NOISE: a close call earns more runs."""
     typical = sorted(_timing(b, t, 0).ms for b, t in times.items() if b not in out and t)
     return len(typical) > 1 and typical[1] <= typical[0] * (1 + TIME_NOISE)
+
+
+def _settled(times: Dict[str, list], out: Set[str]) -> bool:
+    """Whether every backend still racing knows its mean to SETTLED (relative standard error)."""
+    racing = [t for b, t in times.items() if b not in out]
+    return all(len(t) >= RACE_AFTER and statistics.stdev(t) / math.sqrt(len(t)) <= SETTLED * statistics.mean(t)
+               for t in racing)
 
 
 def _outrun(times: Dict[str, list], peaks: Dict[str, int], out: Set[str]) -> Set[str]:

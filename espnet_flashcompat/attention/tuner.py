@@ -30,6 +30,7 @@ class Tuner:
         self.seen: Dict[Tuple, int] = {}
         self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
         self.settled: Set[Tuple] = set()  # buckets whose store entry came from a second look: no more timing
+        self.keys: Dict[Tuple, Optional[calibration_key.Key]] = {}  # each bucket's key in the calibration store
 
     def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
                  measure: Callable) -> AttnDecision:
@@ -48,7 +49,7 @@ class Tuner:
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
-        for table in (self.decisions, self.seen, self.timings):
+        for table in (self.decisions, self.seen, self.timings, self.keys):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
@@ -66,9 +67,11 @@ class Tuner:
             return decision
         if together:
             where += f", decided across {ranks.world_size()} ranks"
-        key = model is not None and calibration_key.key_for(
-            model, bucket[1], (shape[0], "ranks", ranks.world_size()) if together else shape,
-            contenders or (decision.implementation,), device) or None
+        if seen == 1:  # the bucket's key names all its contenders, the second look's few included
+            self.keys[bucket] = model is not None and calibration_key.key_for(
+                model, bucket[1], (shape[0], "ranks", ranks.world_size()) if together else shape,
+                contenders or (decision.implementation,), device) or None
+        key = self.keys.get(bucket)
         if seen == 1:
             stored = self._from_store(bucket, key, decision, together, where)
             if stored is not None:
