@@ -143,11 +143,11 @@ def test_a_close_call_earns_more_runs(monkeypatch):
     assert calibrate.REPEATS + 1 < calls["sdpa"] < calibrate.CLOSE_CALL_REPEATS + 1
 
 
-def test_timing_stops_once_every_mean_is_known_well_enough(monkeypatch):
-    """Steady backends within 2% of each other (a tie, either pick within 2%): RACE_AFTER timed runs each are
-    enough; no close-call extension."""
+def test_a_close_call_of_steady_backends_needs_no_extra_runs(monkeypatch):
+    """Steady backends within 2% of each other (a tie, either pick within 2%): once REPEATS runs pin both means
+    down to SETTLED, the close call earns no more runs."""
     timings, calls = _measure(monkeypatch, lambda b, n: (10.0 if b == "sdpa" else 10.1) + 0.01 * (n % 2))
-    assert calls == {"flash_attention_2": calibrate.RACE_AFTER + 1, "sdpa": calibrate.RACE_AFTER + 1}
+    assert calls == {"flash_attention_2": calibrate.REPEATS + 1, "sdpa": calibrate.REPEATS + 1}
     assert _pick(**{b: (t.ms, GIB) for b, t in timings.items()}).implementation == "sdpa"
 
 

@@ -6,8 +6,8 @@ not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` tu
 ``AttnDecision``: the fastest (by mean time) of the backends whose peak memory is within ``MEMORY_CAP`` of the
 leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and the leaner one is steady, and a
 reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
-fastest leaves the race early (``RACE_AFTER``), timing stops as soon as every mean is known well enough
-(``SETTLED``), and ``close_contenders()`` names the few worth a second look.
+fastest leaves the race early (``RACE_AFTER``), a close call stops earning runs once every mean is known well
+enough (``SETTLED``), and ``close_contenders()`` names the few worth a second look.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -38,9 +38,11 @@ RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10%
 # all above 3 of the other would happen by chance once in 20 (3! 3! / 6!), before the TIME_NOISE gap is asked too;
 # and a backend outrun so cannot be picked on time (its mean is more than TIME_NOISE above the leader's).
 RACE_AFTER = 3
-# Known well enough: once every backend still racing has at least RACE_AFTER timed runs and the standard error of its
-# mean is within SETTLED of the mean, timing stops (before REPEATS). Two means so known differ from the true ones by
-# less than TIME_NOISE together at about three standard errors: a 2% gap is not mistaken, a tie within 2% is one.
+# Known well enough: a close call stops earning runs once every backend still racing has REPEATS timed runs and the
+# standard error of its mean is within SETTLED of the mean. Two means so known differ from the true ones by less than
+# TIME_NOISE together at about three standard errors: a 2% gap is not mistaken, a tie within 2% is one. (After 3
+# runs, as first tried, the estimate of the spread itself was too rough: on the H200 it let a drifting flash-attn
+# take a 30 s ragged train step at 1.10x the best.)
 SETTLED = 0.005
 
 
@@ -81,11 +83,10 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             round_ = 0  # round 0 warms up; the order alternates from round to round
-            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, set(failed) | outrun)):
+            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, set(failed) | outrun)
+                                        and not _settled(times, set(failed) | outrun)):
                 if round_ > RACE_AFTER:
                     outrun |= _outrun(times, peaks, set(failed) | outrun)
-                    if _settled(times, set(failed) | outrun):
-                        break
                 for backend in (backends if round_ % 2 else backends[::-1]):
                     if backend in failed or backend in outrun:
                         continue
@@ -138,7 +139,7 @@ def _close(times: Dict[str, list], out: Set[str]) -> bool:
 def _settled(times: Dict[str, list], out: Set[str]) -> bool:
     """Whether every backend still racing knows its mean to SETTLED (relative standard error)."""
     racing = [t for b, t in times.items() if b not in out]
-    return all(len(t) >= RACE_AFTER and statistics.stdev(t) / math.sqrt(len(t)) <= SETTLED * statistics.mean(t)
+    return all(len(t) >= REPEATS and statistics.stdev(t) / math.sqrt(len(t)) <= SETTLED * statistics.mean(t)
                for t in racing)
 
 
