@@ -79,6 +79,7 @@ def test_stock_stack_is_healthy_and_names_what_is_broken():
     assert report["attention"]["implementation"] == "sdpa"
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "sdpa"
     assert "frontend: s3prl_flashcompat" in report["recommended"]["yaml"]
+    assert report["attention"]["wavlm"] == {"auto": "wavlm-lean", "paths": {"cpu": "sdpa-with-bias"}}
     store = report["calibration_store"]  # the tests' own store (conftest), empty: no GPU calibrated
     assert store["location"] == os.environ["ESPNET_FLASHCOMPAT_CALIBRATION_DIR"] and store["entries"] == 0
     assert store["this_stack"] == 0 and "calibrations --clear" in store["clear"]
@@ -94,6 +95,7 @@ def test_human_table_of_a_healthy_stack():
                     "Recommended YAML", "Findings"):
         assert f"\n{heading}" in out
     assert "attn_implementation: sdpa" in out and "upstream hf_wav2vec2_custom  imports" in out
+    assert "S3PRL's own WavLM: wavlm-lean (cpu: bias kept, as stock)" in out
     assert out.rstrip().endswith("Status: healthy (exit 0)")
 
 

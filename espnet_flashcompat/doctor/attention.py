@@ -77,6 +77,23 @@ def devices(model, torch_info: dict) -> List[dict]:
     return devices
 
 
+def wavlm(devices: List[dict]) -> dict:
+    """What S3PRL's own WavLM runs under auto on each device: its lean path, and whether the bias is rebuilt for the
+    backward there (CUDA, SDPA's memory-efficient kernel ops present, deterministic algorithms off) or kept."""
+    try:
+        import torch
+
+        from espnet_flashcompat.attention import policy, wavlm_kernel
+    except Exception as exc:  # torch missing: its own section says why
+        return {"error": guard.one_line(exc)}
+    ops = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+    paths = {}
+    for d in devices:
+        rebuilt = d["device"].startswith("cuda") and ops and not torch.are_deterministic_algorithms_enabled()
+        paths[d["device"]] = wavlm_kernel.KERNEL if rebuilt else wavlm_kernel.PLAIN
+    return {"auto": policy.WAVLM_LEAN, "paths": paths}
+
+
 def model_attention(add, devices: List[dict]) -> dict:
     """The opt-in model-wide policy for ESPnet's own attention: ESPNET_FLASHCOMPAT_MODEL_ATTN, and its decisions."""
     try:

@@ -60,7 +60,9 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
     attention        {env_override, env_error, decided_on: "cuda:0 bfloat16"|null, implementation: str|null,
                       contenders: [str]}
                      implementation: what auto picks on the GPU of highest compute capability, else the CPU;
-                     contenders: what auto times there (then the recommended YAML keeps auto)
+                     contenders: what auto times there (then the recommended YAML keeps auto);
+                     wavlm: {auto: "wavlm-lean", paths: {device: "efficient-kernel"|"sdpa-with-bias"}} what S3PRL's
+                     own WavLM runs (bias rebuilt for the backward, or kept), or {error}
     recommended      {frontend, frontend_conf, yaml}     frontend_conf as the YAML nests it
     model_attention  model_attention.doctor_state(): the opt-in model-wide policy for ESPnet's own attention
                      {env, env_error, option, strict_env, opted_in_by_env, requested, tasks_wrapped,
@@ -110,6 +112,7 @@ def gather(quick: bool = False, upstream: Optional[str] = None) -> dict:
     model = attention.tiny_hf_upstream(add) if report["s3prl"]["usable"] else None
     report["devices"] = attention.devices(model, report["torch"])
     report["attention"].update(attention.recommended_decision(report["devices"]))
+    report["attention"]["wavlm"] = attention.wavlm(report["devices"])
     report["model_attention"] = attention.model_attention(add, report["devices"])
     report["calibration_store"] = attention.calibration_store(report["devices"])
     report["espnet"] = _espnet(add, quick)

@@ -33,6 +33,11 @@ def render(report: dict) -> str:
             if verdict["reason"]:
                 reasons.setdefault((backend, verdict["reason"]), []).append(d["device"])
     out += [f"  {backend} on {', '.join(devs)}: {reason}" for (backend, reason), devs in reasons.items()]
+    wavlm = report["attention"].get("wavlm") or {}
+    if wavlm.get("paths"):
+        out.append(f"  S3PRL's own WavLM: {wavlm['auto']} (" + ", ".join(
+            f"{dev}: {'bias rebuilt for the backward' if path == 'efficient-kernel' else 'bias kept, as stock'}"
+            for dev, path in wavlm["paths"].items()) + ")")
     if not any(d["auto"] for d in report["devices"]):
         out.append("  no decision could be made here (see Findings); attn_implementation: auto decides at run time")
     out.append("")
