@@ -20,6 +20,8 @@ import soundfile
 import torch
 import yaml
 
+import efficient_kernel
+
 from espnet_flashcompat.attention import policy
 from espnet_flashcompat.espnet import espnet_compat
 from espnet_flashcompat.s3prl import guard
@@ -285,23 +287,6 @@ def test_relative_position_sdpa_matches_stock(name, zero_triu, dtype, tolerance)
         assert (a - b).abs().max() <= tolerance * scale, (i, ((a - b).abs().max() / scale).item())
 
 
-def _reference_kernel_forward(q, k, v, bias, compute_log_sumexp, dropout_p, is_causal=False, *, scale=None):
-    """The memory-efficient kernel's forward contract in plain torch (CPU has no such kernel)."""
-    assert bias.stride(-2) % relpos_sdpa._ALIGN == 0 and dropout_p == 0 and not is_causal
-    scores = q @ k.transpose(-2, -1) * (scale or q.size(-1) ** -0.5) + bias
-    lse = scores.logsumexp(-1)
-    return (scores - lse[..., None]).exp() @ v, lse, torch.empty(0), torch.empty(0)
-
-
-def _reference_kernel_backward(grad_out, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
-                               is_causal=False, *, scale=None):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-    with torch.enable_grad():
-        recomputed = _reference_kernel_forward(*leaves, True, dropout_p, is_causal, scale=scale)[0]
-    assert torch.equal(recomputed, out)
-    return torch.autograd.grad(recomputed, leaves, grad_out)
-
-
 def _saved_shapes(module, *args):
     """Shapes of every tensor autograd keeps from ``module(*args)`` for the backward."""
     shapes = []
@@ -347,8 +332,8 @@ def test_relative_position_bias_is_rebuilt_in_the_backward_not_kept(monkeypatch)
     plain, plain_shapes = run(copy.deepcopy(ours))
     assert (3, 4, T, T) in plain_shapes  # SDPA keeps the bias it was given
     monkeypatch.setattr(relpos_sdpa, "_lean_possible", lambda module, *tensors: relpos_sdpa._shift_is_view(module))
-    monkeypatch.setattr(relpos_sdpa._LeanBias, "forward_op", _reference_kernel_forward)
-    monkeypatch.setattr(relpos_sdpa._LeanBias, "backward_op", _reference_kernel_backward)
+    monkeypatch.setattr(relpos_sdpa._LeanBias, "forward_op", efficient_kernel.forward)
+    monkeypatch.setattr(relpos_sdpa._LeanBias, "backward_op", efficient_kernel.backward)
     lean, lean_shapes = run(ours)
     assert not [s for s in lean_shapes if s[-2:] == (T, T)], lean_shapes
     reference, _ = run(stock)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+import efficient_kernel
+
 from espnet_flashcompat.attention import wavlm, wavlm_kernel
 from espnet_flashcompat.testing import make_tiny_wavlm_checkpoint
 
@@ -114,26 +116,6 @@ def test_lean_matches_stock_on_cpu(checkpoint, attention_dropout, dropout, layer
         assert (other_seed["output"] != lean["output"]).any() == (dropout > 0)  # dropout really is on
 
 
-def _reference_kernel_forward(q, k, v, bias, compute_log_sumexp, dropout_p, is_causal=False, *, scale=None):
-    """The memory-efficient kernel's forward contract in plain torch (CPU has no such kernel)."""
-    assert bias.stride(-2) % wavlm_kernel._ALIGN == 0 and bias.dtype == q.dtype and dropout_p == 0 and not is_causal
-    scores = q @ k.transpose(-2, -1) * (scale or q.size(-1) ** -0.5) + bias
-    lse = scores.logsumexp(-1)
-    return (scores - lse[..., None]).exp() @ v, lse, torch.empty(0), torch.empty(0)
-
-
-def _reference_kernel_backward(grad_out, q, k, v, bias, out, lse, seed, offset, dropout_p, grad_input_mask,
-                               is_causal=False, *, scale=None):
-    leaves = [t.detach().requires_grad_() for t in (q, k, v, bias)]
-    with torch.enable_grad():
-        recomputed = _reference_kernel_forward(*leaves, True, dropout_p, is_causal, scale=scale)[0]
-    assert torch.equal(recomputed, out)
-    grads = torch.autograd.grad(recomputed, leaves, grad_out)
-    time = bias.size(-1)  # the bias gradient as the kernel returns it: rows aligned, the extra columns unwritten
-    grad_bias = torch.full((*bias.shape[:-1], time + -time % 16), float("nan"), dtype=bias.dtype)[..., :time]
-    return (*grads[:3], grad_bias.copy_(grads[3]))
-
-
 def test_kernel_path_rebuilds_the_bias_instead_of_keeping_it(checkpoint, monkeypatch):
     """``wavlm_kernel._GatedBias`` on the CPU in fp64, the kernel's ops replaced by their contract: stock's outputs
     and gradients (bias table and gates included) to fp64 rounding, and no (.., time, time) tensor saved, where stock
@@ -142,8 +124,8 @@ def test_kernel_path_rebuilds_the_bias_instead_of_keeping_it(checkpoint, monkeyp
     cfg = dict(attention_dropout=0.0, dropout=0.1)
     stock, stock_shapes = run(build(checkpoint, dtype=torch.float64, **cfg), wav, padding)
     monkeypatch.setattr(wavlm_kernel, "kernel_possible", lambda q, k, v: True)
-    monkeypatch.setattr(wavlm_kernel._GatedBias, "forward_op", _reference_kernel_forward)
-    monkeypatch.setattr(wavlm_kernel._GatedBias, "backward_op", _reference_kernel_backward)
+    monkeypatch.setattr(wavlm_kernel._GatedBias, "forward_op", efficient_kernel.forward)
+    monkeypatch.setattr(wavlm_kernel._GatedBias, "backward_op", efficient_kernel.backward)
     model = build(checkpoint, wavlm.LEAN, dtype=torch.float64, **cfg)
     lean, lean_shapes = run(model, wav, padding)
     assert wavlm.paths_of(model) == {wavlm_kernel.KERNEL: 2}
