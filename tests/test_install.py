@@ -77,7 +77,7 @@ def test_pth_hook_in_a_fresh_venv_and_nothing_left_after_uninstall(tmp_path, edi
     assert out["state"]["armed"] and out["state"]["pth_file"] == str(pth) and out["state"]["pth_current"]
     assert out["heavy"] == []
     installed_at = src if editable else site_packages
-    assert Path(out["file"]).resolve() == (installed_at / "espnet_flashcompat" / "registry.py").resolve()
+    assert Path(out["file"]).resolve() == (installed_at / "espnet_flashcompat" / "espnet" / "registry.py").resolve()
 
     out = json.loads(check(run([python, "-c", PROBE], env={registry.DISABLE_ENV: "1"}, cwd=tmp_path)).stdout)
     assert out["state"]["startup_ran"] and out["state"]["disabled_by_env"] and not out["state"]["armed"]
