@@ -199,7 +199,7 @@ def main():
               f"{direct_text} {r['same']:>9}")
     print("\nms: per forward; a sample is the mean of k back-to-back calls.\n"
           "overhead: median over pairs of neighbouring samples of (ours/stock - 1), with its interquartile range.\n"
-          "A/A: the same for a second stock frontend (control/stock - 1): the noise floor of this machine.\n"
+          "A/A: the same for a second stock frontend (control/stock - 1): the noise floor of the machine it runs on.\n"
           "direct: our added code per call (_check_batch + _attend_on), and as % of the stock median.\n"
           "outputs: eval-mode features of ours vs stock, compared before timing.")
     measured = max(statistics.median(r["pairs"]) for r in rows)

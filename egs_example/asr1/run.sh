@@ -176,7 +176,7 @@ if runs 7; then
     sed 's/^/  | /' "${stock_exp}_log/to_stock.log"
     if [ "${status}" = 1 ] && ! ${python} -c "import s3prl.nn" > /dev/null 2>&1; then
         # s3prl 0.4.18 with torchaudio >= 2.9 (the legacy stack): stock ESPnet cannot build any S3PRL frontend
-        echo "HANDOFF: not possible on this stack: stock S3PRL does not import here (to-stock said why, above)"
+        echo "HANDOFF: not possible on this stack: stock S3PRL does not import in this environment (to-stock said why, above)"
     elif [ "${status}" != 0 ]; then
         echo "HANDOFF: to-stock failed (exit ${status})" >&2; exit 1
     else
