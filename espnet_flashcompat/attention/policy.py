@@ -186,8 +186,10 @@ def apply(upstream, implementation: str) -> None:
     """Switch the HF model inside ``upstream`` to ``implementation`` in place (a no-op for native upstreams): the
     model keeps its parameters, so optimizers, adapters, hooks and frozen layers are untouched by the switch."""
     model = hf_model(upstream)
-    if model is None and implementation in (WAVLM_LEAN, EAGER) and wavlm.is_wavlm(upstream):
-        wavlm.install(upstream, wavlm.LEAN if implementation == WAVLM_LEAN else wavlm.STOCK)
+    if model is None and implementation in (WAVLM_LEAN, EAGER):  # S3PRL's own WavLM: only its decisions say these
+        if getattr(upstream, "_flashcompat_wavlm", None) != implementation:  # apply() runs at every forward
+            wavlm.install(upstream, wavlm.LEAN if implementation == WAVLM_LEAN else wavlm.STOCK)
+            upstream._flashcompat_wavlm = implementation
         return
     implementation = sdpa_kernels.backend_of(implementation)  # sdpa:<kernel>: sdpa, its kernel pinned per forward
     if model is None or model.config._attn_implementation == implementation:
