@@ -16,8 +16,10 @@ pick runs ``calibrate.RECHECK_AFTER`` - 2 more steps, and calibration picks agai
 timed like the others. Both go through the frontend's own ``tuner.Tuner`` (SDPA's flash kernel skipped on ragged
 batches, racing, the second look timing only close contenders) with a new calibration store. *picked / best*
 compares the picked backend's own column with the row's best: by median, by mean (what training pays), and the 95%
-bootstrap interval of the mean ratio over whole rounds. *calibration*: the wall seconds of both looks and their
-share of a 1,000-step run of that row on the pick; *second run*: the same two looks by a new tuner over the same
+bootstrap interval of the mean ratio over whole rounds. *calibration*: the wall seconds of both looks (in brackets,
+the contenders' untimed first runs among them: kernels built or loaded, the first time in the process for cuDNN's
+attention, which torch's own ``sdpa`` pays on its first batch as well) and their share of a 1,000-step run of that
+row on the pick; *second run*: the same two looks by a new tuner over the same
 store, as a later process (a resumed run, a decode job) makes them.
 
 Ragged batches' lengths run from 100% down to 30% of the longest and pass an attention mask, as S3PRL does; full
@@ -125,12 +127,12 @@ def auto_choice(model, dtype):
 def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int = 1):
     """What the frontend's calibration gives at the ``batch``-th batch of this row's bucket, through the frontend's
     own ``tuner.Tuner`` (the shape check, racing, the second look, the calibration store):
-    (decision, {backend: timing or error} of what was timed, wall seconds the tuner took)."""
+    (decision, {backend: timing or error} of what was timed, wall seconds the tuner took, seconds of warm-ups)."""
     from espnet_flashcompat.attention import calibrate, sdpa_kernels
 
     if not decision.contenders:
-        return decision, {}, 0.0
-    current, timed = [decision.implementation], {}
+        return decision, {}, 0.0, 0.0
+    current, timed, warm = [decision.implementation], {}, [0.0]
 
     def switch(backend):
         current[0] = backend
@@ -143,6 +145,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
     def measure(contenders):
         timings = calibrate.measure(forward, contenders, switch, model, x.device)
         timed.update({b: str(t) for b, t in timings.items()})
+        warm[0] += sum(t.warmup_ms for t in timings.values() if isinstance(t, calibrate.Timing)) / 1e3
         return timings
 
     lengths = mask.sum(-1) if mask is not None else torch.full((x.shape[0],), x.shape[-1], device=x.device)
@@ -153,7 +156,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
         start = time.perf_counter()
         picked = tuner.decision(key, decision, shape, False, model, x.device, measure)
         cost = time.perf_counter() - start
-    return picked, timed, cost
+    return picked, timed, cost, warm[0]
 
 
 def set_backend(model, backend: str) -> None:
@@ -191,14 +194,15 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         store_dir = tempfile.mkdtemp(prefix="attention_matrix_store_")
         os.environ[store.ENV_VAR] = store_dir
         first_tuner = tuner.Tuner("benchmark")
-        first, first_calibration, first_cost = calibrated_choice(model, decision, x, mask, train, first_tuner)
+        first, first_calibration, first_cost, first_warm = calibrated_choice(model, decision, x, mask, train,
+                                                                             first_tuner)
         if decision.contenders:
             set_backend(model, first.implementation)
             warm = step_fn(model, x, mask, train, first.implementation, strict=False)
             for _ in range(calibrate.RECHECK_AFTER - 2):
                 warm()
-        picked, calibration, recheck_cost = calibrated_choice(model, decision, x, mask, train, first_tuner,
-                                                              calibrate.RECHECK_AFTER)
+        picked, calibration, recheck_cost, recheck_warm = calibrated_choice(model, decision, x, mask, train,
+                                                                            first_tuner, calibrate.RECHECK_AFTER)
         again = tuner.Tuner("benchmark")
         second_run = [calibrated_choice(model, decision, x, mask, train, again, n)[2]
                       for n in (1, calibrate.RECHECK_AFTER)]
@@ -244,6 +248,7 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
                "first_pick": first.implementation, "first_calibration": first_calibration,
                "calibration": calibration, "rounds": r, "cells": cells,
                "calibration_s": [first_cost, recheck_cost],  # both calibrations, wall seconds
+               "warmup_s": [first_warm, recheck_warm],  # ... of which the contenders' untimed first runs
                "calibration_share_1000": share(first_cost + recheck_cost, step_ms),
                "second_run_s": second_run,  # the same two looks in a later process: from the store
                "second_run_share_1000": share(sum(second_run), step_ms),
@@ -285,7 +290,7 @@ def case_name(row) -> str:
 def table(result, backends) -> str:
     names = (*backends, "auto")
     lines = [f"| case ({result['model']}) | " + " | ".join(names) + " | auto picked (first batch -> batch 50) | "
-             "pick / best: median, mean [95% interval] | calibration: s, share of 1000 steps | "
+             "pick / best: median, mean [95% interval] | calibration: s (warm-ups), share of 1000 steps | "
              "second run (same store): s, share | rounds, worst spread |",
              "|---" * (len(names) + 6) + "|"]
     for row in result["rows"]:
@@ -303,7 +308,7 @@ def table(result, backends) -> str:
         share, again = row.get("calibration_share_1000"), row.get("second_run_share_1000")
         lines.append(f"| {case_name(row)} | " + " | ".join(cells) + f" | {first}{row['auto']} | "
                      f"{picked.get('ratio', float('nan')):.3f}x, {picked.get('mean_ratio', float('nan')):.3f}x "
-                     f"[{interval(row)}] | {sum(row['calibration_s']):.1f}, "
+                     f"[{interval(row)}] | {sum(row['calibration_s']):.1f} ({sum(row.get('warmup_s', [0])):.1f}), "
                      f"{'-' if share is None else f'{share:.2%}'} | {sum(row['second_run_s']):.2f}, "
                      f"{'-' if again is None else f'{again:.2%}'} | {row['rounds']}, {worst:.0%} |")
     return "\n".join(lines)

@@ -235,6 +235,33 @@ done(first=first.implementation, measured=first.measured, summary=first.summary(
     assert all("flash_attention_2 " in m and "sdpa:" in m for m in result["calibrations"]), result["calibrations"]
 
 
+STORED = r'''
+x, n = batch()
+fe = frontend("auto").train()
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    fe(x, n)[0].float().square().mean().backward()
+train_pick = fe.attn_decision.implementation
+with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    fe.eval()(x, n)
+done(picks=[train_pick, fe.attn_decision.implementation],
+     measured=[m for m in INFOS if "calibration took" in m],
+     stored=[m for m in INFOS if "from the calibration store" in m])
+'''
+
+
+@pytest.mark.gpu
+def test_a_later_process_takes_auto_from_the_calibration_store(upstream, healthy_flash_attn, calibration_store):
+    """Measured once, then stored: a first process calibrates its train and eval buckets on the GPU and keeps both
+    in the store; a second process (a resumed run, a decode job) measures nothing and picks the same."""
+    first = scenario(STORED, upstream, healthy_flash_attn)
+    assert len(first["measured"]) == 2 and not first["stored"], first
+    assert all("kept in the calibration store" in m and "timed runs" in m for m in first["measured"]), first
+    second = scenario(STORED, upstream, healthy_flash_attn)
+    assert not second["measured"] and len(second["stored"]) == 2, second
+    assert second["picks"] == first["picks"], (first["picks"], second["picks"])
+    assert calibration_store.is_dir() and any(calibration_store.rglob("*.json")), "nothing was written to the store"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("transformers_line", ["5.x", "4.46"])
 def test_f_switches_after_the_optimizer_exists_keep_training_the_upstream(upstream, healthy_flash_attn,

@@ -6,8 +6,9 @@ not touched (``torch.autograd.grad``) and every output is dropped. ``pick()`` tu
 ``AttnDecision``: the fastest (by mean time) of the backends whose peak memory is within ``MEMORY_CAP`` of the
 leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and the leaner one is steady, and a
 reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
-fastest leaves the race early (``RACE_AFTER``), a close call stops earning runs once every mean is known well
-enough (``SETTLED``), and ``close_contenders()`` names the few worth a second look.
+fastest leaves the race early (``RACE_AFTER``), the race stops as soon as its leader is known to be within
+``TIME_NOISE`` of every other backend or faster (``decided``: ties cost no more runs than clear wins), and
+``close_contenders()`` names the few worth a second look.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -23,8 +24,10 @@ import torch
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 from espnet_flashcompat.s3prl.errors import one_line
 
-REPEATS = 9  # timed runs per backend, interleaved, after one untimed warm-up each
-CLOSE_CALL_REPEATS = 27  # ... and up to this many while the two fastest are within TIME_NOISE and not SETTLED
+REPEATS = 4  # timed runs per backend at least, interleaved, after one untimed warm-up each
+MAX_RUNS = 15  # ... and up to this many while the race is not decided (see CONFIDENCE): four backends within 2%
+# that vary by 10% from run to run stay undecided for long (HuBERT's 10 s train step on an H200, 2026-12-04: 21 runs
+# each before it was decided, 3.3 s), and whichever leads by then is within the noise of the others
 TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner backend wins it, if steady
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
@@ -38,12 +41,17 @@ RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10%
 # all above 3 of the other would happen by chance once in 20 (3! 3! / 6!), before the TIME_NOISE gap is asked too;
 # and a backend outrun so cannot be picked on time (its mean is more than TIME_NOISE above the leader's).
 RACE_AFTER = 3
-# Known well enough: a close call stops earning runs once every backend still racing has REPEATS timed runs and the
-# standard error of its mean is within SETTLED of the mean. Two means so known differ from the true ones by less than
-# TIME_NOISE together at about three standard errors: a 2% gap is not mistaken, a tie within 2% is one. (After 3
-# runs, as first tried, the estimate of the spread itself was too rough: on the H200 it let a drifting flash-attn
-# take a 30 s ragged train step at 1.10x the best.)
-SETTLED = 0.005
+# Decided: the race stops once the leader (the fastest mean of the backends within MEMORY_CAP) is, at this one-sided
+# confidence, within TIME_NOISE of every other backend or faster: any pick among ties is within the promise, so a
+# close call of steady backends needs no more runs than a clear one. Student's t on the runs kept (the slowest
+# dropped) accounts for how little a few runs say about the spread: after 4 runs t is 2.92, after 9 it is 1.89. (A
+# first try stopped a close call after 3 runs whatever their spread; on the H200 that let a drifting flash-attn take
+# a 30 s ragged train step at 1.10x the best.)
+CONFIDENCE = 0.95
+UNSTEADY_RUNS = 9  # ... but a leader whose runs vary by more than STEADY (a stall, a drift) first runs 9 times:
+# with the slowest run dropped, a stall every third run would hide in 4 runs and shows in 9
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812,
+        15: 1.753, 20: 1.725, 25: 1.708}  # one-sided 95% quantiles of Student's t by degrees of freedom
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ class Timing:
     ms: float  # mean of the timed runs without the slowest: what training pays, stalls included
     peak_bytes: int  # peak allocated above the memory in use before the run
     spread: float = 0.0  # (second slowest - fastest) / fastest over the timed runs: how steady the backend is
+    runs: int = 0  # timed runs
+    warmup_ms: float = 0.0  # the untimed first run: kernels built or loaded for this shape, allocator growth
 
     def __str__(self) -> str:
         return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB"
@@ -77,16 +87,17 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     times: Dict[str, list] = {b: [] for b in backends}
+    warmups: Dict[str, float] = dict.fromkeys(backends, 0.0)
     peaks: Dict[str, int] = dict.fromkeys(backends, 0)
     failed: Dict[str, str] = {}
     outrun: Set[str] = set()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            round_ = 0  # round 0 warms up; the order alternates from round to round
-            while round_ <= REPEATS or (round_ <= CLOSE_CALL_REPEATS and _close(times, set(failed) | outrun)
-                                        and not _settled(times, set(failed) | outrun)):
+            for round_ in range(MAX_RUNS + 1):  # round 0 warms up; the order alternates from round to round
                 if round_ > RACE_AFTER:
                     outrun |= _outrun(times, peaks, set(failed) | outrun)
+                if round_ > REPEATS and decided(times, peaks, set(failed) | outrun):
+                    break
                 for backend in (backends if round_ % 2 else backends[::-1]):
                     if backend in failed or backend in outrun:
                         continue
@@ -98,14 +109,15 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                         continue
                     if round_:
                         times[backend].append(ms)
+                    else:
+                        warmups[backend] = ms
                     peaks[backend] = max(peaks[backend], peak)
-                round_ += 1
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    return {b: failed.get(b) or _timing(b, times[b], peaks[b]) for b in backends}
+    return {b: failed.get(b) or _timing(b, times[b], peaks[b], warmups[b]) for b in backends}
 
 
 def release(exc: BaseException) -> None:
@@ -130,17 +142,41 @@ def close_contenders(timings: Dict[str, Union[Timing, str]], chosen: str) -> Tup
     return (chosen,) + tuple(t.backend for t in ran if t.backend != chosen and t.ms <= bound and t.peak_bytes <= cap)
 
 
-def _close(times: Dict[str, list], out: Set[str]) -> bool:
-    """Whether the two fastest backends still racing are within TIME_NOISE: a close call earns more runs."""
-    typical = sorted(_timing(b, t, 0).ms for b, t in times.items() if b not in out and t)
-    return len(typical) > 1 and typical[1] <= typical[0] * (1 + TIME_NOISE)
+def decided(times: Dict[str, Sequence[float]], peaks: Dict[str, int], out: Set[str]) -> bool:
+    """Whether the leader of the backends still racing (the fastest mean of those within MEMORY_CAP of the leanest)
+    is within TIME_NOISE of each other one or faster, at CONFIDENCE: mean(leader) - mean(other) + t * se <=
+    TIME_NOISE * mean(other), with se the standard error of that difference (Welch) and t Student's quantile at
+    the smaller count of runs kept. The backends above MEMORY_CAP cannot be picked and do not hold the race up; an
+    unsteady leader holds it until it has UNSTEADY_RUNS runs (an unsteady backend behind it cannot be picked on
+    that account: it has to lead first)."""
+    racing = {b: _kept(t) for b, t in times.items() if b not in out and t}
+    if len(racing) < 2:
+        return True
+    if any(len(t) < 2 for t in racing.values()):
+        return False
+    cap = MEMORY_CAP * max(min(peaks[b] for b in racing), 1)
+    fits = {b: t for b, t in racing.items() if peaks[b] <= cap}
+    leader = min(fits, key=lambda b: statistics.mean(fits[b]))
+    if len(times[leader]) < UNSTEADY_RUNS and max(times[leader]) > (1 + STEADY) * min(times[leader]):
+        return False
+    lead = fits[leader]
+    for other, runs in fits.items():
+        if other == leader:
+            continue
+        se = math.sqrt(statistics.variance(lead) / len(lead) + statistics.variance(runs) / len(runs))
+        t = _t95(min(len(lead), len(runs)) - 1)
+        if statistics.mean(lead) - statistics.mean(runs) + t * se > TIME_NOISE * statistics.mean(runs):
+            return False
+    return True
 
 
-def _settled(times: Dict[str, list], out: Set[str]) -> bool:
-    """Whether every backend still racing knows its mean to SETTLED (relative standard error)."""
-    racing = [t for b, t in times.items() if b not in out]
-    return all(len(t) >= REPEATS and statistics.stdev(t) / math.sqrt(len(t)) <= SETTLED * statistics.mean(t)
-               for t in racing)
+def _t95(df: int) -> float:
+    return _T95[max(d for d in _T95 if d <= df)] if df >= 1 else math.inf
+
+
+def _kept(times: Sequence[float]) -> list:
+    """The runs a timing is made of: without the slowest (a possible stray hiccup) once there are more than two."""
+    return sorted(times)[:-1] if len(times) > 2 else sorted(times)
 
 
 def _outrun(times: Dict[str, list], peaks: Dict[str, int], out: Set[str]) -> Set[str]:
@@ -155,11 +191,11 @@ def _outrun(times: Dict[str, list], peaks: Dict[str, int], out: Set[str]) -> Set
     return {b for b, t in racing.items() if b != leader and min(t) > bound}
 
 
-def _timing(backend: str, times: Sequence[float], peak: int) -> Timing:
+def _timing(backend: str, times: Sequence[float], peak: int, warmup_ms: float = 0.0) -> Timing:
     """The mean, not the median: a backend that stalls now and then (flash-attn's padded path waits on the host
     once per layer) costs a training run its mean time. The slowest run is dropped as a possible stray hiccup."""
-    kept = sorted(times)[:-1] if len(times) > 2 else sorted(times)
-    return Timing(backend, statistics.mean(kept), peak, (kept[-1] - kept[0]) / kept[0])
+    kept = _kept(times)
+    return Timing(backend, statistics.mean(kept), peak, (kept[-1] - kept[0]) / kept[0], len(times), warmup_ms)
 
 
 def _run_once(forward, backend, switch, trainable, device) -> Tuple[float, int]:

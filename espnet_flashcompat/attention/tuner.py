@@ -84,6 +84,7 @@ class Tuner:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
             measured = calibrate.pick(timings, decision, where) or decision
+            spent = _spent(timings)
             timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
             kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
         finally:
@@ -91,7 +92,7 @@ class Tuner:
         self.timings[bucket] = timings
         chosen = timings.get(measured.implementation)
         batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, calibrate.Timing) else ""
-        logger.info("%s: %s (calibration took %.2f s%s%s)", self.name, measured.summary(), cost, batches,
+        logger.info("%s: %s (calibration took %.2f s%s%s%s)", self.name, measured.summary(), cost, batches, spent,
                     "; kept in the calibration store" if kept else "")
         return measured
 
@@ -132,3 +133,13 @@ class Tuner:
                if isinstance(t, calibrate.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
         rejected = tuple(Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
         return replace(decision, contenders=close, rejected=decision.rejected + rejected)
+
+
+def _spent(timings: Dict) -> str:
+    """Where a calibration's time went: the warm-ups (kernels built or loaded for a new shape) and the timed runs."""
+    ran = [t for t in timings.values() if isinstance(t, calibrate.Timing)]
+    warm = sum(t.warmup_ms for t in ran) / 1e3
+    timed = sum(t.runs * t.ms for t in ran) / 1e3
+    coldest = max(ran, key=lambda t: t.warmup_ms, default=None)
+    cold = f" ({coldest.backend} {coldest.warmup_ms / 1e3:.2f} s)" if coldest and len(ran) > 1 else ""
+    return f": {len(ran)} warm-ups {warm:.2f} s{cold}, {sum(t.runs for t in ran)} timed runs about {timed:.2f} s"
