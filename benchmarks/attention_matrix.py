@@ -154,7 +154,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
         shape = calibrate.bucket(x, lengths)
         tuner.seen[key + (shape,)] = batch - 1  # the tuner counts a bucket's batches; the steps between were run
         start = time.perf_counter()
-        picked = tuner.decision(key, decision, shape, False, model, x.device, measure)
+        picked = tuner.decision(key, decision, shape, False, model, x.device, measure, exact=tuple(x.shape))
         cost = time.perf_counter() - start
     return picked, timed, cost, warm[0]
 

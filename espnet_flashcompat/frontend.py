@@ -101,7 +101,8 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             and model is not None
         if decision.contenders or together:
             decision = self._tuner.decision(key, decision, calibrate.bucket(input, input_lengths), together, model,
-                                            device, lambda contenders: self._measure(contenders, input, input_lengths))
+                                            device, lambda contenders: self._measure(contenders, input, input_lengths),
+                                            exact=tuple(input.shape))
         policy.apply(self.upstream, decision.implementation)
         self.attn_decision = decision
 

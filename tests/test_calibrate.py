@@ -491,3 +491,42 @@ def test_without_a_store_every_process_calibrates(hf_conf, cpu_contenders, monke
     for _ in range(2):
         S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()(x, lengths)
     assert store.entries() == [] and store.location() is None
+
+
+def test_a_backend_that_builds_per_shape_pays_for_it_where_shapes_change():
+    """cuDNN's attention builds a graph per sequence length: its warm-up on a new shape (220 ms) is far above its
+    runs (43 ms). Where every batch has a new length (an ESPnet bucket's first batch, length-sorted batches), that
+    counts and a kernel 2% slower per run wins; where the shape repeats, it does not."""
+    cudnn = Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0)
+    efficient = Timing("sdpa:efficient", 44.0, GIB, 0.01, 9, 47.0)  # its warm-up only a little slower: no cost
+    assert calibrate.shape_cost(cudnn) == pytest.approx(220.0) and calibrate.shape_cost(efficient) == 0.0
+    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
+    timings = {"sdpa:cudnn": cudnn, "sdpa:efficient": efficient}
+    changing = calibrate.pick(timings, base, "x", new_shapes=1.0)
+    assert changing.implementation == "sdpa:efficient"
+    assert "220 ms per new batch shape" in changing.summary() and "+ 220 ms per new shape" in changing.summary()
+    assert calibrate.pick(timings, base, "x", new_shapes=0.0).implementation == "sdpa:cudnn"
+
+
+def test_the_tuner_counts_the_new_shapes_of_each_bucket():
+    from espnet_flashcompat.attention import tuner
+
+    shares = []
+    t = tuner.Tuner("test")
+    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
+    timings = {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0),
+               "sdpa:efficient": Timing("sdpa:efficient", 55.0, GIB, 0.01, 9, 58.0)}
+    real_pick = calibrate.pick
+
+    def pick(timings, base, where, new_shapes=1.0):
+        shares.append(new_shapes)
+        return real_pick(timings, base, where, new_shapes)
+
+    bucket = (True, 8, 262144, True)
+    import unittest.mock
+
+    with unittest.mock.patch.object(calibrate, "pick", pick):
+        picks = [t.decision(("cuda:0", "torch.bfloat16"), base, bucket, False, None, None, lambda c: dict(timings),
+                            exact=(8, 160000 + 320 * (i % 2))).implementation for i in range(calibrate.RECHECK_AFTER)]
+    assert shares == [1.0, 1 / (calibrate.RECHECK_AFTER - 1)]  # batch 50: 1 new shape in the 49 after the first
+    assert picks[0] == "sdpa:efficient" and picks[-1] == "sdpa:cudnn"  # 43 + 2% of 220 ms < 55 ms

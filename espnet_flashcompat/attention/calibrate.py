@@ -8,7 +8,8 @@ leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and 
 reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
 fastest leaves the race early (``RACE_AFTER``), the race stops as soon as its leader is known to be within
 ``TIME_NOISE`` of every other backend or faster (``decided``: ties cost no more runs than clear wins), and
-``close_contenders()`` names the few worth a second look.
+``close_contenders()`` names the few worth a second look. A backend that builds something per batch shape (its
+warm-up, the first run on the shape, well above its runs) is charged that at the bucket's share of new shapes.
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -32,6 +33,11 @@ TIME_NOISE = 0.02  # times within 2% of the fastest count as a tie: the leaner b
 MEMORY_NOISE = 0.02  # ... if it is leaner by more than this
 MEMORY_CAP = 1.1  # never pick a backend above 1.1x the peak memory of the leanest
 STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: else it may not stay within 2%
+# A backend whose first run on a batch's shape takes more than (1 + SHAPE_COST) runs builds something per shape,
+# which a training run pays at every new batch length: on an H200 with torch 2.11 and cuDNN 9.19, SDPA's cuDNN
+# attention took 276 ms per wav2vec2 train step when each batch had a new length, 53 ms when all had the same
+# (docs/benchmarks.md). Timing one batch again and again hides that; the warm-up shows it.
+SHAPE_COST = 1.0
 # Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
 # settled), and two backends within a few percent of each other there may swap places a minute later (measured on an H200 with torch 2.11: docs/benchmarks.md).
 RECHECK_AFTER = 50
@@ -64,7 +70,8 @@ class Timing:
     warmup_ms: float = 0.0  # the untimed first run: kernels built or loaded for this shape, allocator growth
 
     def __str__(self) -> str:
-        return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB"
+        built = f" + {shape_cost(self):.0f} ms per new shape" if shape_cost(self) else ""
+        return f"{self.backend} {self.ms:.1f} ms{built} / {self.peak_bytes / 2**30:.2f} GiB"
 
 
 def bucket(input: torch.Tensor, lengths: torch.Tensor) -> Tuple:
@@ -226,9 +233,24 @@ def _tensors(out) -> Iterable[torch.Tensor]:
             yield from _tensors(item)
 
 
-def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str) -> Optional[AttnDecision]:
+def shape_cost(t: Timing) -> float:
+    """What ``t``'s backend pays on a batch of a new shape beyond a run's time (ms): the excess of its warm-up, the
+    first run on the batch's shape, when that is above (1 + SHAPE_COST) runs (cuDNN's attention builds a graph per
+    sequence length); else 0 (a warm-up a little slower than the runs is the allocator or the clocks)."""
+    extra = t.warmup_ms - t.ms
+    return extra if extra > SHAPE_COST * t.ms else 0.0
+
+
+def per_batch(t: Timing, new_shapes: float) -> float:
+    """``t``'s expected time per batch (ms) when a share ``new_shapes`` of the batches has a shape not seen before."""
+    return t.ms + new_shapes * shape_cost(t)
+
+
+def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str,
+         new_shapes: float = 1.0) -> Optional[AttnDecision]:
     """The decision the timings support (``base`` gives the request and its earlier rejections); None when no
-    backend ran, so that the caller keeps its own choice."""
+    backend ran, so that the caller keeps its own choice. ``new_shapes``: the share of the bucket's batches whose
+    shape was new (1 at its first batch), at which a backend's ``shape_cost`` counts."""
     ran = [t for t in timings.values() if isinstance(t, Timing)]
     if not ran:
         return None
@@ -238,8 +260,8 @@ def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str)
     leanest = min(ran, key=lambda t: t.peak_bytes)
     cap = MEMORY_CAP * max(leanest.peak_bytes, 1)
     fits = [t for t in ran if t.peak_bytes <= cap]
-    fastest = min(fits, key=lambda t: t.ms)
-    tied = [t for t in fits if t.ms <= fastest.ms * (1 + TIME_NOISE)]
+    fastest = min(fits, key=lambda t: per_batch(t, new_shapes))
+    tied = [t for t in fits if per_batch(t, new_shapes) <= per_batch(fastest, new_shapes) * (1 + TIME_NOISE)]
     lean_tie = min((t for t in tied if t is fastest or t.spread <= STEADY), key=lambda t: t.peak_bytes)
     chosen = lean_tie if lean_tie.peak_bytes < fastest.peak_bytes * (1 - MEMORY_NOISE) else fastest
     for t in ran:
@@ -252,6 +274,9 @@ def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str)
         elif t in tied:
             leaner = chosen.peak_bytes < t.peak_bytes * (1 - MEMORY_NOISE)
             why = f"ties within {TIME_NOISE:.0%}{', and uses more memory' if leaner else ''} ({t} vs {chosen})"
+        elif shape_cost(t) and new_shapes and t.ms <= chosen.ms * (1 + TIME_NOISE):
+            why = (f"pays {shape_cost(t):.0f} ms per new batch shape (its first run on this one), and {new_shapes:.0%} "
+                   f"of this bucket's batches had a new shape ({t} vs {chosen})")
         else:
             why = f"slower ({t} vs {chosen})"
         rejected.append(Rejection(t.backend, why))

@@ -8,6 +8,9 @@ finished one is written there, so that a later process on the same machine and s
 made at the second look settles the bucket for good. Under DDP (``together``) there is one bucket per train/eval,
 every rank measures or every rank reads the store (``ranks`` shares what each found), so that all pick alike.
 The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
+It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend
+that builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1
+at the first batch itself: length-sorted batches seldom repeat a shape).
 """
 
 import logging
@@ -31,13 +34,20 @@ class Tuner:
         self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
         self.settled: Set[Tuple] = set()  # buckets whose store entry came from a second look: no more timing
         self.keys: Dict[Tuple, Optional[calibration_key.Key]] = {}  # each bucket's key in the calibration store
+        self.shapes: Dict[Tuple, Set[Tuple]] = {}  # the exact batch shapes each bucket has seen
+        self.fresh: Dict[Tuple, int] = {}  # ... and how many of its batches had a shape not seen before
 
     def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
-                 measure: Callable) -> AttnDecision:
-        """The decision for a batch of ``shape`` on ``key`` = (device, dtype in effect); ``model``: the HF model
-        whose attention is chosen (the store's key), None for no store."""
+                 measure: Callable, exact: Optional[Tuple] = None) -> AttnDecision:
+        """The decision for a batch of ``shape`` (its bucket; ``exact``: the batch's own shape) on ``key`` =
+        (device, dtype in effect); ``model``: the HF model whose attention is chosen (the store's key), None for no
+        store."""
         bucket = key + (shape[0] if together else shape,)  # DDP: one calibration for train, one for eval
         seen = self.seen[bucket] = self.seen.get(bucket, 0) + 1
+        shapes = self.shapes.setdefault(bucket, set())
+        if exact is None or exact not in shapes:
+            self.fresh[bucket] = self.fresh.get(bucket, 0) + 1
+            shapes.add(exact)
         if seen == 1:
             self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
         elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
@@ -49,7 +59,7 @@ class Tuner:
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
-        for table in (self.decisions, self.seen, self.timings, self.keys):
+        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.fresh):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
@@ -83,7 +93,8 @@ class Tuner:
             if together:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
-            measured = calibrate.pick(timings, decision, where) or decision
+            new_shapes = (self.fresh.get(bucket, seen) - 1) / (seen - 1) if seen > 1 else 1.0  # the first is new
+            measured = calibrate.pick(timings, decision, where, new_shapes) or decision
             spent = _spent(timings)
             timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
             kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
