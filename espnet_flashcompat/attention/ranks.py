@@ -40,7 +40,8 @@ def gather(timings: Timings) -> List[Timings]:
 
 def merge(per_rank: List[Timings]) -> Timings:
     """One set of timings for all ranks: a backend runs only if it ran on every rank, and it costs what it cost on
-    its slowest rank (a DDP step waits for the slowest rank at the gradient all-reduce), at its highest peak."""
+    its slowest rank (a DDP step waits for the slowest rank at the gradient all-reduce), at its highest peak and its
+    slowest warm-up (what a new batch shape costs it)."""
     backends = list(dict.fromkeys(b for timings in per_rank for b in timings))
     merged: Timings = {}
     for backend in backends:
@@ -51,5 +52,6 @@ def merge(per_rank: List[Timings]) -> Timings:
             merged[backend] = f"rank {rank}: {reason}"
             continue
         merged[backend] = Timing(backend, max(t.ms for t in results), max(t.peak_bytes for t in results),
-                                 max(t.spread for t in results))
+                                 max(t.spread for t in results), min(t.runs for t in results),
+                                 max(t.warmup_ms for t in results))
     return merged
