@@ -530,3 +530,28 @@ def test_the_tuner_counts_the_new_shapes_of_each_bucket():
                             exact=(8, 160000 + 320 * (i % 2))).implementation for i in range(calibrate.RECHECK_AFTER)]
     assert shares == [1.0, 1 / (calibrate.RECHECK_AFTER - 1)]  # batch 50: 1 new shape in the 49 after the first
     assert picks[0] == "sdpa:efficient" and picks[-1] == "sdpa:cudnn"  # 43 + 2% of 220 ms < 55 ms
+
+
+def test_a_backend_known_to_build_per_shape_is_not_timed_where_shapes_change():
+    """After one bucket showed cuDNN paying 5x its run time per new shape, the next bucket's first look does not time
+    it (its batches' shapes are new); a second look whose batches repeat one shape times it again, and it wins."""
+    from espnet_flashcompat.attention import tuner
+
+    t = tuner.Tuner("test")
+    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
+    timed = []
+
+    def measure(contenders):
+        timed.append(contenders)
+        return {b: Timing(b, 43.0, GIB, 0.01, 9, 263.0) if b == "sdpa:cudnn" else Timing(b, 50.0, GIB, 0.01, 9, 53.0)
+                for b in contenders}
+
+    key = ("cuda:0", "torch.bfloat16")
+    first = t.decision(key, base, (True, 8, 262144, True), False, None, None, measure, exact=(8, 200000))
+    assert timed == [("sdpa:cudnn", "sdpa:efficient")] and first.implementation == "sdpa:efficient"
+    later = [t.decision(key, base, (True, 16, 131072, True), False, None, None, measure, exact=(16, 120000))
+             for _ in range(calibrate.RECHECK_AFTER)]
+    assert timed[1] == ("sdpa:efficient",), timed  # not timed at the bucket's first batch: its shapes were new
+    assert "not timed" in later[0].summary() and later[0].implementation == "sdpa:efficient"
+    assert timed[2] == ("sdpa:efficient", "sdpa:cudnn"), timed  # batch 50: one shape throughout, cuDNN is back
+    assert later[-1].implementation == "sdpa:cudnn"

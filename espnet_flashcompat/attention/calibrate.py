@@ -71,7 +71,7 @@ class Timing:
 
     def __str__(self) -> str:
         built = f" + {shape_cost(self):.0f} ms per new shape" if shape_cost(self) else ""
-        return f"{self.backend} {self.ms:.1f} ms{built} / {self.peak_bytes / 2**30:.2f} GiB"
+        return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB{built}"
 
 
 def bucket(input: torch.Tensor, lengths: torch.Tensor) -> Tuple:

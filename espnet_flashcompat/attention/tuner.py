@@ -10,7 +10,9 @@ every rank measures or every rank reads the store (``ranks`` shares what each fo
 The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
 It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend
 that builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1
-at the first batch itself: length-sorted batches seldom repeat a shape).
+at the first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new
+shape costs a backend, later buckets of the same device, dtype and train or eval do not time it where that cost
+would double its time (``_builders``), until a second look finds their shapes repeating.
 """
 
 import logging
@@ -36,6 +38,9 @@ class Tuner:
         self.keys: Dict[Tuple, Optional[calibration_key.Key]] = {}  # each bucket's key in the calibration store
         self.shapes: Dict[Tuple, Set[Tuple]] = {}  # the exact batch shapes each bucket has seen
         self.fresh: Dict[Tuple, int] = {}  # ... and how many of its batches had a shape not seen before
+        # (device, dtype, train or eval) -> backend -> what a new batch shape cost it in an earlier bucket, in runs
+        self.per_shape: Dict[Tuple, Dict[str, float]] = {}
+        self.skipped: Dict[Tuple, Set[str]] = {}  # the contenders each bucket's last look did not time for that
 
     def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
                  measure: Callable, exact: Optional[Tuple] = None) -> AttnDecision:
@@ -59,7 +64,8 @@ class Tuner:
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
-        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.fresh):
+        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.fresh, self.per_shape,
+                      self.skipped):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
@@ -86,6 +92,12 @@ class Tuner:
             stored = self._from_store(bucket, key, decision, together, where)
             if stored is not None:
                 return stored
+        new_shapes = self._new_shapes(bucket, seen)
+        if not together:  # DDP ranks must time the same contenders: they do not skip
+            skipped = self._builders(bucket, contenders, new_shapes)
+            self.skipped[bucket] = {r.backend for r in skipped}
+            decision = replace(decision, rejected=decision.rejected + tuple(skipped))
+            contenders = tuple(b for b in contenders if b not in {r.backend for r in skipped})
         try:
             start = time.perf_counter()
             timings = measure(contenders or (decision.implementation,))
@@ -93,8 +105,8 @@ class Tuner:
             if together:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
-            new_shapes = (self.fresh.get(bucket, seen) - 1) / (seen - 1) if seen > 1 else 1.0  # the first is new
             measured = calibrate.pick(timings, decision, where, new_shapes) or decision
+            self._learn(bucket, timings)
             spent = _spent(timings)
             timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
             kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
@@ -106,6 +118,34 @@ class Tuner:
         logger.info("%s: %s (calibration took %.2f s%s%s%s)", self.name, measured.summary(), cost, batches, spent,
                     "; kept in the calibration store" if kept else "")
         return measured
+
+    def _new_shapes(self, bucket, seen: int) -> float:
+        """The share of the bucket's batches after its first whose shape was new (1 at the first batch: length-sorted
+        batches seldom repeat a shape)."""
+        return (self.fresh.get(bucket, seen) - 1) / (seen - 1) if seen > 1 else 1.0
+
+    def _learn(self, bucket, timings) -> None:
+        """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
+        dtype and train or eval; the lowest seen (a process's first bucket adds each kernel's first use)."""
+        known = self.per_shape.setdefault(bucket[:2] + (bucket[2][0],), {})
+        for t in timings.values():
+            if isinstance(t, calibrate.Timing) and t.ms > 0:
+                cost = calibrate.shape_cost(t) / t.ms
+                if cost:
+                    known[t.backend] = min(known.get(t.backend, cost), cost)
+                else:
+                    known.pop(t.backend, None)
+
+    def _builders(self, bucket, contenders, new_shapes: float) -> list:
+        """Rejections of the contenders not worth timing: an earlier bucket showed that a new shape costs them more
+        than ``1 + calibrate.SHAPE_COST`` runs, at this bucket's share of new shapes (cuDNN's attention where lengths
+        vary); one contender at least stays."""
+        known = self.per_shape.get(bucket[:2] + (bucket[2][0],), {})
+        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SHAPE_COST]
+        if len(out) == len(contenders):
+            out = out[1:]
+        return [Rejection(b, f"a new batch shape cost it {known[b]:.1f}x its run time in an earlier bucket, and "
+                             f"{new_shapes:.0%} of this bucket's batches had a new shape: not timed") for b in out]
 
     def _from_store(self, bucket, key, decision, together, where) -> Optional[AttnDecision]:
         """The decision of a stored calibration of ``key``, or None (then measure). Single process: ``lookup``
@@ -138,10 +178,14 @@ class Tuner:
         None when nothing came close."""
         first, timings = self.decisions[bucket], self.timings.get(bucket, {})
         close = calibrate.close_contenders(timings, first.implementation)
+        skipped = {r.backend: r.reason for r in first.rejected if r.backend in self.skipped.get(bucket, ())}
+        share = self._new_shapes(bucket, calibrate.RECHECK_AFTER)  # shapes repeat after all: time them now
+        close += tuple(b for b in skipped if not self._builders(bucket, (b, first.implementation), share))
         if len(close) < 2:
             return None
         why = {b: f"not within {calibrate.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
                if isinstance(t, calibrate.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
+        why.update(skipped)
         rejected = tuple(Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
         return replace(decision, contenders=close, rejected=decision.rejected + rejected)
 
