@@ -555,3 +555,14 @@ def test_a_backend_known_to_build_per_shape_is_not_timed_where_shapes_change():
     assert "not timed" in later[0].summary() and later[0].implementation == "sdpa:efficient"
     assert timed[2] == ("sdpa:efficient", "sdpa:cudnn"), timed  # batch 50: one shape throughout, cuDNN is back
     assert later[-1].implementation == "sdpa:cudnn"
+
+
+def test_what_a_shape_cost_is_kept_per_device_dtype_and_mode_under_ddp_too():
+    from espnet_flashcompat.attention import tuner
+
+    t = tuner.Tuner("test")
+    timings = {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0)}
+    t._learn(("cuda:0", "torch.bfloat16", (True, 8, 262144, True)), timings)
+    t._learn(("cuda:0", "torch.bfloat16", False), timings)  # DDP: one bucket per train or eval
+    assert t.per_shape == {("cuda:0", "torch.bfloat16", True): {"sdpa:cudnn": pytest.approx(220 / 43)},
+                           ("cuda:0", "torch.bfloat16", False): {"sdpa:cudnn": pytest.approx(220 / 43)}}

@@ -127,7 +127,7 @@ class Tuner:
     def _learn(self, bucket, timings) -> None:
         """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
         dtype and train or eval; the lowest seen (a process's first bucket adds each kernel's first use)."""
-        known = self.per_shape.setdefault(bucket[:2] + (bucket[2][0],), {})
+        known = self.per_shape.setdefault(_kind(bucket), {})
         for t in timings.values():
             if isinstance(t, calibrate.Timing) and t.ms > 0:
                 cost = calibrate.shape_cost(t) / t.ms
@@ -140,7 +140,7 @@ class Tuner:
         """Rejections of the contenders not worth timing: an earlier bucket showed that a new shape costs them more
         than ``1 + calibrate.SHAPE_COST`` runs, at this bucket's share of new shapes (cuDNN's attention where lengths
         vary); one contender at least stays."""
-        known = self.per_shape.get(bucket[:2] + (bucket[2][0],), {})
+        known = self.per_shape.get(_kind(bucket), {})
         out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SHAPE_COST]
         if len(out) == len(contenders):
             out = out[1:]
@@ -188,6 +188,12 @@ class Tuner:
         why.update(skipped)
         rejected = tuple(Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
         return replace(decision, contenders=close, rejected=decision.rejected + rejected)
+
+
+def _kind(bucket: Tuple) -> Tuple:
+    """(device, dtype, train or eval) of a bucket: key + (shape,), or key + (train or eval,) under DDP."""
+    last = bucket[2]
+    return bucket[:2] + (last[0] if isinstance(last, tuple) else last,)
 
 
 def _spent(timings: Dict) -> str:
