@@ -167,8 +167,6 @@ def new_shapes(args, device) -> dict:
     """Train steps of batch 8 on each backend: the same length every step, then a new length every step (10 s plus
     20 ms more each time, as length-sorted batches give): what a backend pays per new shape (a cuDNN graph built
     per sequence length shows here, and nowhere in a calibration that times one batch again and again)."""
-    from espnet_flashcompat.attention import sdpa_kernels
-
     model = attention_matrix.make_model(args.model, torch.bfloat16).train()
     out = {}
     for backend in ("sdpa:cudnn", "sdpa:efficient", "flash_attention_2"):

@@ -78,7 +78,8 @@ def step(model, wav, padding, mode: str, precision: str):
     return None
 
 
-def measure(model, wav, padding, mode, precision, warmup, repeat):
+def measure(model, wav, padding, mode, precision, warmup, repeat, step=step):
+    """Median ms of ``repeat`` calls of ``step`` after ``warmup``, and the peak GiB allocated over them."""
     model.train(mode == "fine-tune")
     cuda = wav.device.type == "cuda"
     for _ in range(warmup):
