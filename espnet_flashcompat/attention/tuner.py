@@ -36,8 +36,7 @@ class Tuner:
         self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
         self.settled: Set[Tuple] = set()  # buckets whose store entry came from a second look: no more timing
         self.keys: Dict[Tuple, Optional[calibration_key.Key]] = {}  # each bucket's key in the calibration store
-        self.shapes: Dict[Tuple, Set[Tuple]] = {}  # the exact batch shapes each bucket has seen
-        self.fresh: Dict[Tuple, int] = {}  # ... and how many of its batches had a shape not seen before
+        self.shapes: Dict[Tuple, Set[Optional[Tuple]]] = {}  # the exact batch shapes each bucket has seen
         # (device, dtype, train or eval) -> backend -> what a new batch shape cost it in an earlier bucket, in runs
         self.per_shape: Dict[Tuple, Dict[str, float]] = {}
         self.skipped: Dict[Tuple, Set[str]] = {}  # the contenders each bucket's last look did not time for that
@@ -49,10 +48,7 @@ class Tuner:
         store."""
         bucket = key + (shape[0] if together else shape,)  # DDP: one calibration for train, one for eval
         seen = self.seen[bucket] = self.seen.get(bucket, 0) + 1
-        shapes = self.shapes.setdefault(bucket, set())
-        if exact is None or exact not in shapes:
-            self.fresh[bucket] = self.fresh.get(bucket, 0) + 1
-            shapes.add(exact)
+        self.shapes.setdefault(bucket, set()).add(exact)
         if seen == 1:
             self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
         elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
@@ -64,7 +60,7 @@ class Tuner:
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
-        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.fresh, self.per_shape,
+        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.per_shape,
                       self.skipped):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
@@ -121,8 +117,9 @@ class Tuner:
 
     def _new_shapes(self, bucket, seen: int) -> float:
         """The share of the bucket's batches after its first whose shape was new (1 at the first batch: length-sorted
-        batches seldom repeat a shape)."""
-        return (self.fresh.get(bucket, seen) - 1) / (seen - 1) if seen > 1 else 1.0
+        batches seldom repeat a shape; 1 too where the caller did not say its batches' shapes)."""
+        shapes = self.shapes.get(bucket, {None})
+        return 1.0 if seen == 1 or None in shapes else (len(shapes) - 1) / (seen - 1)
 
     def _learn(self, bucket, timings) -> None:
         """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
