@@ -138,12 +138,14 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
         current[0] = backend
         set_backend(model, backend)
 
-    def forward():
+    def forward(cut=0):
         with sdpa_kernels.pinned(current[0], strict=True):
-            return model(x, attention_mask=mask).last_hidden_state
+            end = x.shape[1] - cut
+            return model(x[:, :end], attention_mask=None if mask is None else mask[:, :end]).last_hidden_state
 
-    def measure(contenders):
-        timings = calibrate.measure(forward, contenders, switch, model, x.device)
+    def measure(contenders):  # as the frontend measures: the batch, and once per backend the batch cut short
+        timings = calibrate.measure(forward, contenders, switch, model, x.device,
+                                    lambda k: forward(k * calibrate.NEW_SHAPE_CUT))
         timed.update({b: str(t) for b, t in timings.items()})
         warm[0] += sum(t.warmup_ms for t in timings.values() if isinstance(t, calibrate.Timing)) / 1e3
         return timings

@@ -92,14 +92,16 @@ class Run:
             current[0] = backend
             attention_matrix.set_backend(self.model, backend)
 
-        def forward():
+        def forward(cut=0):
             with sdpa_kernels.pinned(current[0], strict=True):
-                return self.model(x, attention_mask=mask).last_hidden_state
+                end = x.shape[1] - cut
+                return self.model(x[:, :end], attention_mask=None if mask is None else mask[:, :end]).last_hidden_state
 
-        def measure(contenders):
+        def measure(contenders):  # as the frontend measures: the batch, and once per backend the batch cut short
             began = time.perf_counter()
             try:
-                return calibrate.measure(forward, contenders, switch, self.model, x.device)
+                return calibrate.measure(forward, contenders, switch, self.model, x.device,
+                                         lambda k: forward(k * calibrate.NEW_SHAPE_CUT))
             finally:
                 measured[0] += time.perf_counter() - began
 

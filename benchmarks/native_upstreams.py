@@ -25,7 +25,10 @@ refuses the batch: ``refuses`` and torch's reason), and ``best / unpinned``: the
 memory relative to the unpinned step, the number a decision to pin rests on. Modes: ``fine-tune`` (train mode,
 forward + backward of a mean-square loss) and ``frozen`` (eval mode, ``torch.no_grad``). Precision: ``fp32``, or
 ``bf16`` = ``torch.autocast`` over fp32 weights. Each cell: the median time of ``--repeat`` steps after
-``--warmup`` and the peak ``max_memory_allocated`` over the timed steps, as ``wavlm.py`` measures them.
+``--warmup`` and the peak ``max_memory_allocated`` over the timed steps, as ``wavlm.py`` measures them;
+``--new-length``: every step on a length no step before it had (``wavlm.measure``), as ESPnet's length-sorted
+batches give (cuDNN's attention builds a graph per sequence length: with one length it pays that once, in the
+warm-up).
 
     python benchmarks/native_upstreams.py --out DIR                   # the table (CUDA)
     python benchmarks/native_upstreams.py --out DIR --models hubert --sizes large --seconds 30 --precisions bf16
@@ -114,8 +117,8 @@ def step(model, wav, padding, mode: str, precision: str):
     return None
 
 
-def measure(model, wav, padding, mode, precision, warmup, repeat):
-    return wavlm.measure(model, wav, padding, mode, precision, warmup, repeat, step=step)
+def measure(model, wav, padding, mode, precision, warmup, repeat, new_length=False):
+    return wavlm.measure(model, wav, padding, mode, precision, warmup, repeat, step=step, new_length=new_length)
 
 
 def picks(model, wav, padding, mode, precision) -> dict:
@@ -165,7 +168,7 @@ def run(args):
                     for mode in args.modes:
                         model.train(mode == "fine-tune")
                         row = dict(model=name, size=size, seconds=seconds, ragged=args.ragged, precision=precision,
-                                   mode=mode, device=device)
+                                   mode=mode, device=device, new_length=args.new_length)
                         for column in (UNPINNED,) + PINS:
                             if column != UNPINNED and device != "cuda":
                                 row[column] = {"skipped": "CUDA-only"}
@@ -174,7 +177,7 @@ def run(args):
                                 pin = sdpa_kernels.pinned(column, strict=True) if column in PINS else nullcontext()
                                 with pin:
                                     row[column] = measure(model, wav, padding, mode, precision, args.warmup,
-                                                          args.repeat)
+                                                          args.repeat, args.new_length)
                             except RuntimeError as exc:
                                 row[column] = {"refuses": refusal(exc), "error": str(exc)[:1000]}
                                 release(exc)
@@ -223,7 +226,8 @@ def table(rows, env) -> str:
         return f"{c['ms']:.1f} ms" + (f", {c['gib']:.2f} GiB" if c["gib"] is not None else "")
 
     stack = ", ".join(f"{k} {env[k]}" for k in ("torch", "espnet-s3prl", "s3prl", "gpu", "cudnn") if k in env)
-    lines = [f"{stack}; {'ragged' if rows and rows[0]['ragged'] else 'full'} batches of {BATCH}", ""]
+    every = "; a new length at every step (`--new-length`)" if rows and rows[0]["new_length"] else ""
+    lines = [f"{stack}; {'ragged' if rows and rows[0]['ragged'] else 'full'} batches of {BATCH}{every}", ""]
     if env["device"] != "cuda":
         lines += ["CPU: SDPA's cuDNN, flash and efficient kernels are CUDA-only, so only the unpinned column ran.", ""]
     for precision in dict.fromkeys(r["precision"] for r in rows):
@@ -253,6 +257,7 @@ def main(argv=None):
     parser.add_argument("--precisions", type=split, default=["bf16", "fp32"], help="bf16,fp32")
     parser.add_argument("--modes", type=split, default=["fine-tune", "frozen"], help="fine-tune,frozen")
     parser.add_argument("--full", dest="ragged", action="store_false", help="every utterance the whole length")
+    parser.add_argument("--new-length", action="store_true", help="each step on a length no step before it had")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny models, 1 s, one step")
@@ -264,6 +269,7 @@ def main(argv=None):
     if args.tiny:
         args.sizes, args.seconds, args.warmup, args.repeat = ["tiny"], [1.0], 0, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    wavlm.SLOTS = (1 + len(PINS)) * len(args.precisions) * len(args.modes)  # cells per input
     rows, device = run(args)
     env = environment(device)
     text = table(rows, env)

@@ -15,7 +15,13 @@ target bounds (time 1.3, memory 1.15). Modes: ``fine-tune`` (train mode, forward
 gradients set to None before each step) and ``frozen`` (eval mode, forward under ``torch.no_grad``). Precision:
 ``fp32``, or ``bf16`` = ``torch.autocast`` over fp32 weights. Each cell: the median time of ``--repeat`` steps
 after ``--warmup`` (CUDA synchronised around each) and the peak of ``max_memory_allocated`` over the timed steps,
-weights and gradients included, with one model resident. ``max err``: the largest difference between stock's and
+weights and gradients included, with one model resident. ``--new-length``: every step (warm-ups included) on a length
+that no step before it in the process had, as ESPnet's length-sorted batches give, so that a kernel that builds
+something per sequence length (cuDNN's attention) pays it at every step: step i of the process's c-th measurement of
+this input is ``(c + SLOTS * i)`` times 2 frames (640 samples; S3PRL's encoders pad to an even frame count) shorter
+than the input, ``SLOTS`` being the measurements the input gets (variants x precisions x modes), so that every cell's
+steps span the same lengths: on average ``SLOTS * steps / 2`` times 640 samples shorter (1.3 s for 12 cells of 7
+steps). ``max err``: the largest difference between stock's and
 lean's frozen outputs, relative to stock's largest value.
 
     python benchmarks/wavlm.py --out DIR                       # the table (CUDA)
@@ -78,19 +84,32 @@ def step(model, wav, padding, mode: str, precision: str):
     return None
 
 
-def measure(model, wav, padding, mode, precision, warmup, repeat, step=step):
-    """Median ms of ``repeat`` calls of ``step`` after ``warmup``, and the peak GiB allocated over them."""
+SHORTER = 640  # samples: 2 frames of the convolutional front end (S3PRL's encoders pad to an even frame count)
+SLOTS = 8  # measurements of one input whose new lengths interleave: the benchmark sets it (cells per input)
+_measured = {}  # id of an input -> how many measurements with new lengths it has had
+
+
+def measure(model, wav, padding, mode, precision, warmup, repeat, step=step, new_length=False):
+    """Median ms of ``repeat`` calls of ``step`` after ``warmup``, and the peak GiB allocated over them; with
+    ``new_length`` each call's batch of a length no call before it had (see the module's doc)."""
     model.train(mode == "fine-tune")
     cuda = wav.device.type == "cuda"
-    for _ in range(warmup):
-        step(model, wav, padding, mode, precision)
+    slot = _measured[id(wav)] = _measured.get(id(wav), -1) + 1 if new_length else 0
+
+    def batch(i):
+        end = wav.shape[-1] - SHORTER * (slot + SLOTS * i) if new_length else wav.shape[-1]
+        return wav[..., :end], padding[..., :end]
+
+    for i in range(warmup):
+        step(model, *batch(i), mode, precision)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(repeat):
+    for i in range(warmup, warmup + repeat):
+        x, pad = batch(i)
         start = time.perf_counter()
-        step(model, wav, padding, mode, precision)
+        step(model, x, pad, mode, precision)
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1000)
@@ -116,8 +135,10 @@ def run(args):
                     assert wavlm.install(model) == len(model.encoder.layers)
                 for precision in args.precisions:
                     for mode in args.modes:
-                        cell = measure(model, wav, padding, mode, precision, args.warmup, args.repeat)
-                        cell.update(model=size, seconds=seconds, ragged=args.ragged, variant=variant,
+                        cell = measure(model, wav, padding, mode, precision, args.warmup, args.repeat,
+                                       new_length=args.new_length)
+                        cell.update(model=size, seconds=seconds, ragged=args.ragged, new_length=args.new_length,
+                                    variant=variant,
                                     precision=precision, mode=mode, path=wavlm.paths_of(model))
                         if mode == "frozen" and variant != "no bias":
                             model.eval()
@@ -142,7 +163,7 @@ def table(rows, device) -> str:
         return next(r for r in rows if (r["model"], r["seconds"], r["precision"], r["mode"], r["variant"]) ==
                     (model, seconds, precision, mode, variant))
 
-    lines = []
+    lines = ["A new length at every step (`--new-length`)", ""] if rows and rows[0].get("new_length") else []
     keys = sorted({(r["precision"], r["model"], r["seconds"]) for r in rows}, key=lambda k: (k[0], k[1], -k[2]))
     for precision in dict.fromkeys(k[0] for k in keys):
         lines += [f"**{precision}**{' autocast' if precision == 'bf16' else ''} ({device})", "",
@@ -174,6 +195,7 @@ def main():
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     parser.add_argument("--modes", nargs="+", default=["fine-tune", "frozen"], choices=["fine-tune", "frozen"])
     parser.add_argument("--full", dest="ragged", action="store_false", help="every utterance the whole length")
+    parser.add_argument("--new-length", action="store_true", help="each step on a length no step before it had")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model, 1 s, one step")
@@ -181,6 +203,8 @@ def main():
     if args.tiny:
         args.models, args.seconds, args.warmup, args.repeat = ["tiny"], [1.0], 0, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    global SLOTS
+    SLOTS = 3 * len(args.precisions) * len(args.modes)  # stock, no bias, lean
     rows, device = run(args)
     text = table(rows, device)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -89,7 +89,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         by calibration once per shape bucket; under DDP once per train/eval, agreed by all ranks (``ranks``).
         A GPU run sees CUDA only after the model is moved."""
         device = input.device
-        model = policy.hf_model(self.upstream)
+        model = policy.attention_model(self.upstream)
         dtype = policy.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
         key = self._key = (str(device), str(dtype))
         if key not in self._static:
@@ -114,8 +114,13 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             current[0] = backend
             policy.apply(self.upstream, backend)
 
+        def shorter(k):  # the batch cut short: the k-th shape no backend has run here (calibrate.shape_cost)
+            cut = input.shape[1] - k * calibrate.NEW_SHAPE_CUT
+            return self._run(current[0], input[:, :cut], input_lengths.clamp(max=cut), strict=True)
+
+        room = input.shape[1] > (len(contenders) + 1) * calibrate.NEW_SHAPE_CUT
         return calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True), contenders,
-                                 switch, self, input.device)
+                                 switch, self, input.device, shorter if room else None)
 
     def _fall_back(self, exc: Exception) -> None:
         failed = self.attn_decision

@@ -4,7 +4,8 @@ Real checkpoints cannot be downloaded everywhere, so this writes a randomly init
 wav2vec2 or HuBERT model (``save_pretrained`` plus the ``preprocessor_config.json`` that S3PRL's
 ``hf_wav2vec2_custom``/``hf_hubert_custom`` upstreams require) to a directory: pass that directory as
 ``frontend_conf.path_or_url``. ``make_tiny_wavlm_checkpoint`` writes a random WavLM in S3PRL's own checkpoint
-format, for ``upstream: wavlm_local``.
+format, for ``upstream: wavlm_local``; ``make_tiny_hubert_checkpoint`` a random HuBERT in S3PRL's converted
+format, for ``upstream: hubert_local`` (S3PRL's own HuBERT, as ``hubert_large_ll60k`` runs it).
 """
 
 from pathlib import Path
@@ -123,4 +124,38 @@ def make_tiny_wavlm_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"cfg": dict(vars(config)), "model": model.state_dict()}, out.with_name(out.name + ".part"))
     out.with_name(out.name + ".part").replace(out)
+    return out
+
+
+def make_tiny_hubert_checkpoint(path, num_layers: int = 2, dim: int = 32, num_heads: int = 2, seed: int = 0,
+                                **cfg_overrides) -> Path:
+    """Write a random-weight S3PRL HuBERT checkpoint to the file ``path`` (reused if there); return the path.
+
+    S3PRL's converted format (``task_cfg``, ``model_cfg``, ``model_weight``, ``dictionaries_symbols``), as its
+    ``hubert_local`` upstream loads it: ``upstream: hubert_local`` with ``path_or_url: <path>``. The layout of
+    ``hubert_large_ll60k`` (pre-layer-norm, layer-norm front end, real 320-sample stride) at ``dim`` wide, with its
+    dropouts (0.1, attention 0.1); ``cfg_overrides`` set any other ``HubertConfig`` field.
+    """
+    out = Path(path)
+    if out.is_file():
+        return out
+    import dataclasses
+
+    import torch
+    from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
+
+    cfg = dict(encoder_layers=num_layers, encoder_embed_dim=dim, encoder_ffn_embed_dim=4 * dim,
+               encoder_attention_heads=num_heads, final_dim=dim, layer_norm_first=True, extractor_mode="layer_norm",
+               conv_feature_layers=f"[({dim},10,5)] + [({dim},3,2)] * 4 + [({dim},2,2)] * 2", conv_pos=16,
+               conv_pos_groups=2, dropout=0.1, attention_dropout=0.1, encoder_layerdrop=0.0, label_rate=50.0)
+    cfg.update(cfg_overrides)
+    task = {"sample_rate": 16000, "normalize": False, "label_rate": 50.0}
+    torch.manual_seed(seed)
+    config = HubertConfig(**{k: v for k, v in cfg.items() if k != "label_rate"}, label_rate=cfg["label_rate"])
+    model = HubertModel(config, HubertPretrainingConfig(**task), [None])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(out.name + ".part")
+    torch.save({"task_cfg": task, "model_cfg": dataclasses.asdict(config), "model_weight": model.state_dict(),
+                "dictionaries_symbols": [None]}, part)
+    part.replace(out)
     return out

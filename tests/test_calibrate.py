@@ -136,6 +136,29 @@ def test_a_backend_that_stalls_now_and_then_pays_for_it(monkeypatch):
     assert _pick(**{b: (t.ms, GIB) for b, t in timings.items()}).implementation == "sdpa"
 
 
+def test_a_cost_per_shape_is_what_a_run_on_another_shape_takes_after_the_warm_up(monkeypatch):
+    """A warm-up holds more than a new shape's cost: the backend's first use in the process (SDPA's memory-efficient
+    kernel: 0.7 to 1.4 s on an H200, 2026-12-04) and the allocator's growth, paid once. What a new shape costs is
+    what a run on a batch of a shape of its own (``reshaped(k)``) takes after the warm-up, less what every backend
+    paid alike there (the rest of the model, 15 ms): 220 ms for a backend that builds per shape, nothing for the
+    other, though both warmed up for a second."""
+    clock = _Clock(lambda b, n: 1000.0 if n == 1 else 10.0)
+    monkeypatch.setattr(calibrate, "time", clock)
+    shapes = []
+
+    def reshaped(k):
+        shapes.append(k)
+        clock.now += (15.0 + (230.0 if clock.current == "sdpa" else 10.0)) / 1000
+
+    with torch.no_grad():
+        timings = calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch, torch.nn.Linear(1, 1),
+                                    torch.device("cpu"), reshaped)
+    assert calibrate.shape_cost(timings["sdpa"]) == pytest.approx(220.0)
+    assert calibrate.shape_cost(timings["flash_attention_2"]) == 0.0
+    assert all(t.warmup_ms == pytest.approx(1000.0) for t in timings.values())
+    assert "+ 220 ms per new shape" in str(timings["sdpa"]) and sorted(shapes) == [1, 2]  # a shape each
+
+
 def _jitter(n):  # +-4% from run to run
     return 0.4 * (n % 3)
 
@@ -360,12 +383,54 @@ def test_pinned_kernels_calibrate_and_the_refused_one_says_why(hf_conf, monkeypa
     assert refused.startswith("failed during calibration: ") and "backend" in refused, refused
     assert auto.upstream.upstream.model.config._attn_implementation == "sdpa"
     forced = S3prlFlashCompatFrontend(frontend_conf=hf_conf, multilayer_feature=True, attn_implementation="sdpa")
-    with sdpa_kernels.pinned(chosen.implementation, strict=True):  # strict: the chosen kernel and no other
+    with sdpa_kernels.pinned(chosen.implementation):  # as the frontend pins at run time (CPU tries flash first)
         forced_feats, forced_grads = _step(forced.train(), x, lengths)
     assert torch.equal(feats, forced_feats) and grads.keys() == forced_grads.keys()
     assert all(torch.equal(grads[n], forced_grads[n]) for n in grads)
     logged = [r.getMessage() for r in caplog.records if "measured" in r.getMessage()]
     assert len(logged) == 1 and "calibration took" in logged[0] and "batches' worth" in logged[0], logged
+
+
+@pytest.fixture(scope="module")
+def hubert_conf(tmp_path_factory):
+    """S3PRL's own HuBERT (``hubert_local``: the ``hubert_large_ll60k`` code path), tiny and random; no attention
+    dropout, which CPU's flash kernel does not take."""
+    from espnet_flashcompat.testing import make_tiny_hubert_checkpoint
+
+    path = make_tiny_hubert_checkpoint(tmp_path_factory.mktemp("hubert") / "hubert.pt", attention_dropout=0.0)
+    return {"upstream": "hubert_local", "path_or_url": str(path)}
+
+
+def test_a_native_upstreams_sdpa_kernels_contend_and_the_pick_is_stored(hubert_conf, monkeypatch, caplog,
+                                                                      calibration_store):
+    """S3PRL's own HuBERT attends through ``F.multi_head_attention_forward`` (SDPA): under ``auto`` SDPA's kernels
+    contend for it as for a Hugging Face upstream (here CPU's flash and math kernels stand in for CUDA's: both take
+    the float padding mask HuBERT passes even on a full batch), each pinned alone; the frontend runs the pick, whose output and gradients equal a run pinned to that kernel; the calibration
+    is kept under the model's attention site, and a second frontend reads it."""
+    from espnet_flashcompat.attention import store
+
+    monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:flash", "sdpa:math"))
+    x, lengths = _batch()
+    lengths = torch.full_like(lengths, x.shape[1])  # a full batch: SDPA's flash kernel is not refused by its shape
+    auto = S3prlFlashCompatFrontend(frontend_conf=hubert_conf, multilayer_feature=True).train()
+    assert auto.attn_decision.implementation == "native-sdpa"
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        feats, grads = _step(auto, x, lengths)
+    chosen = auto.attn_decision
+    assert chosen.measured and chosen.implementation in ("sdpa:flash", "sdpa:math"), chosen.summary()
+    forced = S3prlFlashCompatFrontend(frontend_conf=hubert_conf, multilayer_feature=True, attn_implementation="sdpa")
+    with sdpa_kernels.pinned(chosen.implementation):  # as the frontend pins it at run time (CPU torch tries flash
+        forced_feats, forced_grads = _step(forced.train(), x, lengths)  # first whatever the order: the GPU test pins
+        # strictly and shows the pick's kernel ran)
+    assert torch.equal(feats, forced_feats) and grads.keys() == forced_grads.keys()
+    assert all(torch.equal(grads[n], forced_grads[n]) for n in grads)
+    [entry] = store.entries()
+    assert entry.key.flat()["model"] == "HubertModel" and entry.key.flat()["heads"] == 2
+    again = S3prlFlashCompatFrontend(frontend_conf=hubert_conf, multilayer_feature=True).train()
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        again(x, lengths)
+    assert "from the calibration store" in again.attn_decision.context
+    assert again.attn_decision.implementation == chosen.implementation
 
 
 def test_a_pinned_kernel_runs_alone_and_a_refusal_gives_torchs_reason():
@@ -513,9 +578,9 @@ def test_the_tuner_counts_the_new_shapes_of_each_bucket():
 
     shares = []
     t = tuner.Tuner("test")
-    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
-    timings = {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0),
-               "sdpa:efficient": Timing("sdpa:efficient", 55.0, GIB, 0.01, 9, 58.0)}
+    pair = ("flash_attention_2", "sdpa:efficient")  # neither presumed to build per shape: both timed at batch 1
+    base = policy.AttnDecision("auto", pair[0], (), "config", "cuda:0 bfloat16", pair)
+    timings = {pair[0]: Timing(pair[0], 43.0, GIB, 0.01, 9, 263.0), pair[1]: Timing(pair[1], 55.0, GIB, 0.01, 9, 58.0)}
     real_pick = calibrate.pick
 
     def pick(timings, base, where, new_shapes=1.0):
@@ -529,16 +594,12 @@ def test_the_tuner_counts_the_new_shapes_of_each_bucket():
         picks = [t.decision(("cuda:0", "torch.bfloat16"), base, bucket, False, None, None, lambda c: dict(timings),
                             exact=(8, 160000 + 320 * (i % 2))).implementation for i in range(calibrate.RECHECK_AFTER)]
     assert shares == [1.0, 1 / (calibrate.RECHECK_AFTER - 1)]  # batch 50: 1 new shape in the 49 after the first
-    assert picks[0] == "sdpa:efficient" and picks[-1] == "sdpa:cudnn"  # 43 + 2% of 220 ms < 55 ms
+    assert picks[0] == "sdpa:efficient" and picks[-1] == "flash_attention_2"  # 43 + 2% of 220 ms < 55 ms
 
 
-def test_a_backend_known_to_build_per_shape_is_not_timed_where_shapes_change():
-    """After one bucket showed cuDNN paying 5x its run time per new shape, the next bucket's first look does not time
-    it (its batches' shapes are new); a second look whose batches repeat one shape times it again, and it wins."""
+def _kernels_tuner():
     from espnet_flashcompat.attention import tuner
 
-    t = tuner.Tuner("test")
-    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
     timed = []
 
     def measure(contenders):
@@ -546,15 +607,77 @@ def test_a_backend_known_to_build_per_shape_is_not_timed_where_shapes_change():
         return {b: Timing(b, 43.0, GIB, 0.01, 9, 263.0) if b == "sdpa:cudnn" else Timing(b, 50.0, GIB, 0.01, 9, 53.0)
                 for b in contenders}
 
+    base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
+    return tuner.Tuner("test"), base, measure, timed
+
+
+def test_cudnn_is_presumed_to_build_per_shape_until_a_bucket_whose_shapes_repeat_times_it(caplog):
+    """cuDNN's attention builds a graph per sequence length: a bucket's first look does not time it (its batches'
+    shapes are new; the one contender left is taken unmeasured); a second look whose batches repeat one shape times
+    it, it wins there, and what it paid for that shape is from then on measured, not presumed."""
+    t, base, measure, timed = _kernels_tuner()
     key = ("cuda:0", "torch.bfloat16")
-    first = t.decision(key, base, (True, 8, 262144, True), False, None, None, measure, exact=(8, 200000))
-    assert timed == [("sdpa:cudnn", "sdpa:efficient")] and first.implementation == "sdpa:efficient"
+    with caplog.at_level(logging.INFO):
+        first = t.decision(key, base, (True, 8, 262144, True), False, None, None, measure, exact=(8, 200000))
+    assert timed == [] and first.implementation == "sdpa:efficient" and not first.measured
+    assert "presumed until a bucket measures it" in first.summary() and "only contender left" in caplog.text
     later = [t.decision(key, base, (True, 16, 131072, True), False, None, None, measure, exact=(16, 120000))
              for _ in range(calibrate.RECHECK_AFTER)]
-    assert timed[1] == ("sdpa:efficient",), timed  # not timed at the bucket's first batch: its shapes were new
-    assert "not timed" in later[0].summary() and later[0].implementation == "sdpa:efficient"
-    assert timed[2] == ("sdpa:efficient", "sdpa:cudnn"), timed  # batch 50: one shape throughout, cuDNN is back
-    assert later[-1].implementation == "sdpa:cudnn"
+    assert later[0].implementation == "sdpa:efficient" and timed[0] == ("sdpa:efficient", "sdpa:cudnn"), timed
+    assert later[-1].implementation == "sdpa:cudnn" and later[-1].measured  # batch 50: one shape throughout
+    assert t.per_shape[key + (True,)]["sdpa:cudnn"] == pytest.approx(220 / 43)
+    t.decision(key, base, (True, 32, 65536, True), False, None, None, measure, exact=(32, 60000))
+    assert "measured in an earlier bucket" in t.decisions[key + ((True, 32, 65536, True),)].summary()
+
+
+def test_a_kernel_measured_without_a_per_shape_cost_is_no_longer_presumed_to_have_one():
+    t, base, measure, timed = _kernels_tuner()
+    kind = ("cuda:0", "torch.bfloat16", True)
+    t._learn(kind[:2] + ((True, 8, 262144, True),), {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 44.0)})
+    assert "sdpa:cudnn" not in t.per_shape[kind]
+    t.decision(kind[:2], base, (True, 16, 131072, True), False, None, None, measure, exact=(16, 120000))
+    assert timed == [("sdpa:cudnn", "sdpa:efficient")]
+
+
+def test_later_buckets_inherit_a_backend_that_tied_for_the_lead_in_every_measured_bucket(caplog):
+    """Two buckets measured, flash-attn fastest in both: the third takes it unmeasured and has no second look; a
+    bucket of another mode is measured. Where the first bucket tied the two (within 2%) and the second preferred the
+    memory-efficient kernel, that kernel is inherited; where each bucket clearly preferred another, every bucket is
+    measured."""
+    from espnet_flashcompat.attention import tuner
+
+    pair = ("flash_attention_2", "sdpa:efficient")
+    base = policy.AttnDecision("auto", pair[0], (), "config", "cuda:0 bfloat16", pair)
+    key, timed, times = ("cuda:0", "torch.bfloat16"), [], [{"flash_attention_2": 40.0, "sdpa:efficient": 50.0}]
+
+    def measure(contenders):
+        timed.append(contenders)
+        return {b: Timing(b, times[0][b], GIB, 0.01, 9, times[0][b] + 1) for b in contenders}
+
+    def run(t, buckets, plan):
+        for b, ms in zip(buckets, plan):
+            times[0] = ms
+            t.decision(key, base, b, False, None, None, measure, exact=b[1:3])
+
+    flash, efficient = {"flash_attention_2": 40.0, "sdpa:efficient": 50.0}, {"flash_attention_2": 50.0,
+                                                                           "sdpa:efficient": 40.0}
+    buckets = [(True, 2 ** i, 2 ** (22 - i), True) for i in range(3, 7)]
+    t = tuner.Tuner("test")
+    run(t, buckets[:2], [flash, flash])
+    with caplog.at_level(logging.INFO):
+        third = [t.decision(key, base, buckets[2], False, None, None, measure, exact=buckets[2][1:3] + (i,))
+                 for i in range(calibrate.RECHECK_AFTER)]
+    assert len(timed) == 2 and all(d.implementation == "flash_attention_2" for d in third)
+    assert "within 2% of the fastest in each of the 2 buckets" in caplog.text
+    eval_bucket = (False,) + buckets[2][1:]  # another mode: measured
+    t.decision(key, base, eval_bucket, False, None, None, measure, exact=eval_bucket[1:3])
+    assert len(timed) == 3
+    t, timed[:] = tuner.Tuner("test"), []
+    run(t, buckets[:3], [{"flash_attention_2": 40.0, "sdpa:efficient": 40.5}, efficient, flash])
+    assert len(timed) == 2 and t.decisions[key + (buckets[2],)].implementation == "sdpa:efficient"
+    t, timed[:] = tuner.Tuner("test"), []
+    run(t, buckets[:3], [flash, efficient, flash])
+    assert len(timed) == 3
 
 
 def test_what_a_shape_cost_is_kept_per_device_dtype_and_mode_under_ddp_too():

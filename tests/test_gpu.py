@@ -249,6 +249,58 @@ done(picks=[train_pick, fe.attn_decision.implementation],
 '''
 
 
+@pytest.fixture(scope="session")
+def hubert_upstream(tmp_path_factory):
+    """S3PRL's own HuBERT (``hubert_local``), random, head size 64, attention dropout 0.1."""
+    from espnet_flashcompat.testing import make_tiny_hubert_checkpoint
+
+    return str(make_tiny_hubert_checkpoint(tmp_path_factory.mktemp("gpu_hubert") / "hubert.pt", dim=256,
+                                           num_heads=4))
+
+
+@pytest.mark.gpu
+def test_a_native_hubert_runs_sdpas_kernel_without_per_length_builds(hubert_upstream, calibration_store):
+    """S3PRL's own HuBERT under ``auto``: at a bucket's first batch cuDNN's attention is presumed to build a graph per
+    length and is not timed, so the memory-efficient kernel runs, unmeasured, and returns what a strict pin of it
+    returns; at the second look (batch 3 here), whose batches repeated one shape, cuDNN is timed beside it."""
+    result = scenario(r'''
+from espnet_flashcompat.attention import calibrate, sdpa_kernels
+from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
+
+calibrate.RECHECK_AFTER = 3
+conf = {"upstream": "hubert_local", "path_or_url": UPSTREAM}
+
+
+def step(fe, x, n):
+    torch.manual_seed(7)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        feats, lens = fe(x, n)
+    feats.float().square().mean().backward()
+    return feats.detach().float()
+
+
+x, n = batch()
+auto = S3prlFlashCompatFrontend(frontend_conf=conf).cuda().train()
+feats = step(auto, x, n)
+first = auto.attn_decision
+for _ in range(2):
+    step(auto, x, n)
+third = auto.attn_decision
+forced = S3prlFlashCompatFrontend(frontend_conf=conf, attn_implementation="sdpa").cuda().train()
+with sdpa_kernels.pinned(first.implementation, strict=True):
+    forced_feats = step(forced, x, n)
+done(first=first.implementation, first_measured=first.measured, first_summary=first.summary(),
+     contenders=list(auto._static[auto._key].contenders), third=third.implementation, third_measured=third.measured,
+     third_summary=third.summary(), same_output=torch.equal(feats, forced_feats), diff=rel(feats, forced_feats),
+     infos=[m for m in INFOS if "calibrat" in m or "contender" in m])
+''', hubert_upstream)
+    assert "sdpa:cudnn" in result["contenders"] and "sdpa:efficient" in result["contenders"], result
+    assert result["first"] == "sdpa:efficient" and not result["first_measured"], result["first_summary"]
+    assert "presumed until a bucket measures it" in result["first_summary"], result["first_summary"]
+    assert result["same_output"], f"the pick's output differs from a strict pin's by {result['diff']}"
+    assert result["third_measured"] and "sdpa:cudnn" in result["third_summary"], result["third_summary"]
+
+
 @pytest.mark.gpu
 def test_a_later_process_takes_auto_from_the_calibration_store(upstream, healthy_flash_attn, calibration_store):
     """Measured once, then stored: a first process calibrates its train and eval buckets on the GPU and keeps both

@@ -8,8 +8,12 @@ leanest, or the leaner one when two are within ``TIME_NOISE`` of each other and 
 reason for every backend left out. A backend that its first runs show cannot come within ``TIME_NOISE`` of the
 fastest leaves the race early (``RACE_AFTER``), the race stops as soon as its leader is known to be within
 ``TIME_NOISE`` of every other backend or faster (``decided``: ties cost no more runs than clear wins), and
-``close_contenders()`` names the few worth a second look. A backend that builds something per batch shape (its
-warm-up, the first run on the shape, well above its runs) is charged that at the bucket's share of new shapes.
+``close_contenders()`` names the few worth a second look. A backend that builds something per batch shape is
+charged that at the bucket's share of new shapes: what its run on a batch of a shape of its own (``reshaped(k)``: k
+times two frames shorter), right after its warm-up, takes above its runs, less what every backend paid alike there
+(the rest of the model's work on a new shape). Without ``reshaped``, the warm-up itself, which also holds the
+backend's first use in the process and the allocator's growth (on an H200, 0.7 to 1.4 s for SDPA's memory-efficient
+kernel's first use, 72 ms for a larger batch, neither paid again per shape).
 ``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
 """
 
@@ -18,7 +22,7 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -38,9 +42,14 @@ STEADY = 0.04  # a leaner backend takes a tie only if its runs agree within 4%: 
 # attention took 276 ms per wav2vec2 train step when each batch had a new length, 53 ms when all had the same
 # (docs/benchmarks.md). Timing one batch again and again hides that; the warm-up shows it.
 SHAPE_COST = 1.0
+SKIP_SHAPE_COST = 3.0  # ... and a later bucket does not time a backend whose new shapes would cost it 3 runs more
+# per batch (4x its time): no attention kernel is 4x faster per run than another on one model (cuDNN: 4.2x)
 # Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
 # settled), and two backends within a few percent of each other there may swap places a minute later (measured on an H200 with torch 2.11: docs/benchmarks.md).
 RECHECK_AFTER = 50
+# A batch this many samples shorter has another shape in the attention: two frames of the upstreams' convolutional
+# front ends (320 samples each; S3PRL's own encoders pad to an even frame count, so one frame may not do)
+NEW_SHAPE_CUT = 640
 RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10% of the first pick (and fit in memory)
 # Racing: after RACE_AFTER timed runs each, a backend whose every run is slower than every run of the fastest one by
 # more than TIME_NOISE is out of the race (its runs so far are its timing). Were both equally fast, 3 runs of one
@@ -68,6 +77,7 @@ class Timing:
     spread: float = 0.0  # (second slowest - fastest) / fastest over the timed runs: how steady the backend is
     runs: int = 0  # timed runs
     warmup_ms: float = 0.0  # the untimed first run: kernels built or loaded for this shape, allocator growth
+    new_shape_ms: float = 0.0  # a run on a new shape after the warm-up, less what all paid alike (0: not measured)
 
     def __str__(self) -> str:
         built = f" + {shape_cost(self):.0f} ms per new shape" if shape_cost(self) else ""
@@ -89,8 +99,11 @@ def describe(key: Tuple) -> str:
 
 
 def measure(forward: Callable[[], object], backends: Sequence[str], switch: Callable[[str], None],
-            module: torch.nn.Module, device: torch.device) -> Dict[str, Union[Timing, str]]:
-    """Backend -> its Timing on ``forward()``, or the error it raised (an out-of-memory, a kernel limit)."""
+            module: torch.nn.Module, device: torch.device,
+            reshaped: Optional[Callable[[int], object]] = None) -> Dict[str, Union[Timing, str]]:
+    """Backend -> its Timing on ``forward()``, or the error it raised (an out-of-memory, a kernel limit);
+    ``reshaped(k)``: the same forward on a batch of the k-th other shape, run once per backend (each its own k) after
+    its warm-up."""
     trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     times: Dict[str, list] = {b: [] for b in backends}
@@ -98,6 +111,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     peaks: Dict[str, int] = dict.fromkeys(backends, 0)
     failed: Dict[str, str] = {}
     outrun: Set[str] = set()
+    new_shape: Dict[str, float] = dict.fromkeys(backends, 0.0)
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for round_ in range(MAX_RUNS + 1):  # round 0 warms up; the order alternates from round to round
@@ -110,6 +124,10 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                         continue
                     try:
                         ms, peak = _run_once(forward, backend, switch, trainable, device)
+                        if not round_ and reshaped is not None:
+                            k = backends.index(backend) + 1
+                            new_shape[backend] = _run_once(lambda: reshaped(k), backend, switch, trainable,
+                                                           device)[0]
                     except Exception as exc:  # this backend cannot run this batch: it is out, with its reason
                         failed[backend] = one_line(exc)[:300]
                         release(exc)
@@ -124,7 +142,10 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
             for name, b in module.named_buffers():
                 if name in buffers:
                     b.copy_(buffers[name])
-    return {b: failed.get(b) or _timing(b, times[b], peaks[b], warmups[b]) for b in backends}
+    ran = [b for b in backends if b not in failed and times[b] and new_shape[b]]
+    alike = min((new_shape[b] - _timing(b, times[b], 0).ms for b in ran), default=0.0)  # the rest of the model
+    new_shape = {b: max(new_shape[b] - max(alike, 0.0), 0.0) if b in ran else 0.0 for b in backends}
+    return {b: failed.get(b) or _timing(b, times[b], peaks[b], warmups[b], new_shape[b]) for b in backends}
 
 
 def release(exc: BaseException) -> None:
@@ -198,11 +219,13 @@ def _outrun(times: Dict[str, list], peaks: Dict[str, int], out: Set[str]) -> Set
     return {b for b, t in racing.items() if b != leader and min(t) > bound}
 
 
-def _timing(backend: str, times: Sequence[float], peak: int, warmup_ms: float = 0.0) -> Timing:
+def _timing(backend: str, times: Sequence[float], peak: int, warmup_ms: float = 0.0,
+            new_shape_ms: float = 0.0) -> Timing:
     """The mean, not the median: a backend that stalls now and then (flash-attn's padded path waits on the host
     once per layer) costs a training run its mean time. The slowest run is dropped as a possible stray hiccup."""
     kept = _kept(times)
-    return Timing(backend, statistics.mean(kept), peak, (kept[-1] - kept[0]) / kept[0], len(times), warmup_ms)
+    return Timing(backend, statistics.mean(kept), peak, (kept[-1] - kept[0]) / kept[0], len(times), warmup_ms,
+                  new_shape_ms)
 
 
 def _run_once(forward, backend, switch, trainable, device) -> Tuple[float, int]:
@@ -234,16 +257,27 @@ def _tensors(out) -> Iterable[torch.Tensor]:
 
 
 def shape_cost(t: Timing) -> float:
-    """What ``t``'s backend pays on a batch of a new shape beyond a run's time (ms): the excess of its warm-up, the
-    first run on the batch's shape, when that is above (1 + SHAPE_COST) runs (cuDNN's attention builds a graph per
-    sequence length); else 0 (a warm-up a little slower than the runs is the allocator or the clocks)."""
-    extra = t.warmup_ms - t.ms
+    """What ``t``'s backend pays on a batch of a new shape beyond a run's time (ms): the excess of its run on another
+    shape after the warm-up (else of the warm-up itself), when that is above (1 + SHAPE_COST) runs (cuDNN's attention
+    builds a graph per sequence length); else 0 (a little slower than the runs is the allocator or the clocks)."""
+    extra = (t.new_shape_ms or t.warmup_ms) - t.ms
     return extra if extra > SHAPE_COST * t.ms else 0.0
 
 
 def per_batch(t: Timing, new_shapes: float) -> float:
     """``t``'s expected time per batch (ms) when a share ``new_shapes`` of the batches has a shape not seen before."""
     return t.ms + new_shapes * shape_cost(t)
+
+
+def tied(timings: Dict[str, Union[Timing, str]], chosen: str, new_shapes: float = 1.0) -> FrozenSet[str]:
+    """``chosen`` and the backends that ran within TIME_NOISE of its time per batch and within MEMORY_CAP of the
+    leanest: any of them keeps the promise on these timings (what a later bucket may inherit)."""
+    ran = [t for t in timings.values() if isinstance(t, Timing)]
+    if not isinstance(timings.get(chosen), Timing):
+        return frozenset({chosen})
+    cap = MEMORY_CAP * max(min(t.peak_bytes for t in ran), 1)
+    bound = per_batch(timings[chosen], new_shapes) * (1 + TIME_NOISE)
+    return frozenset({chosen} | {t.backend for t in ran if per_batch(t, new_shapes) <= bound and t.peak_bytes <= cap})
 
 
 def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str,
@@ -275,7 +309,7 @@ def pick(timings: Dict[str, Union[Timing, str]], base: AttnDecision, where: str,
             leaner = chosen.peak_bytes < t.peak_bytes * (1 - MEMORY_NOISE)
             why = f"ties within {TIME_NOISE:.0%}{', and uses more memory' if leaner else ''} ({t} vs {chosen})"
         elif shape_cost(t) and new_shapes and t.ms <= chosen.ms * (1 + TIME_NOISE):
-            why = (f"pays {shape_cost(t):.0f} ms per new batch shape (its first run on this one), and {new_shapes:.0%} "
+            why = (f"pays {shape_cost(t):.0f} ms per new batch shape (measured on another shape), and {new_shapes:.0%} "
                    f"of this bucket's batches had a new shape ({t} vs {chosen})")
         else:
             why = f"slower ({t} vs {chosen})"

@@ -1,7 +1,8 @@
 """What a calibration depends on: the ``Key`` under which the calibration store keeps it.
 
 The GPU (name, compute capability), driver, CUDA, cuDNN, torch, transformers and flash-attn versions (missing or
-broken as such), the attention site (model class, heads, head size, layers, dtype, attention dropout; no weights),
+broken as such), the attention site (model class, heads, head size, layers, dtype, attention dropout; no weights;
+a Hugging Face model's config, or the attention modules of S3PRL's own models),
 train or eval with how many parameters get a gradient, the shape bucket, the contender set and the store format.
 A change in any of them is another key: the store never hands a calibration to a stack it was not made on.
 Imports no torch until a key is made.
@@ -74,15 +75,31 @@ def stack(device=None) -> Dict[str, str]:
 
 
 def site_of(model, dtype) -> Tuple[Tuple[str, object], ...]:
-    """The attention site of a Hugging Face model: its class and attention configuration, in ``dtype``."""
-    config = model.config
-    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    site = {"model": type(model).__name__, "heads": heads, "layers": getattr(config, "num_hidden_layers", None),
-            "head_dim": getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None),
-            "dtype": str(dtype).replace("torch.", "")}
-    site.update({name: getattr(config, name) for name in _SITE_EXTRAS if hasattr(config, name)})
+    """The attention site of a model, in ``dtype``: its class and attention configuration, from a Hugging Face
+    model's config, else (S3PRL's own models) from its attention modules (``num_heads``, ``head_dim``)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "num_attention_heads"):
+        site = _native_site(model)
+    else:
+        heads, hidden = config.num_attention_heads, getattr(config, "hidden_size", None)
+        site = {"heads": heads, "layers": getattr(config, "num_hidden_layers", None),
+                "head_dim": getattr(config, "head_dim", None) or (hidden // heads if heads and hidden else None)}
+        site.update({name: getattr(config, name) for name in _SITE_EXTRAS if hasattr(config, name)})
+    site.update(model=type(model).__name__, dtype=str(dtype).replace("torch.", ""))
     return tuple(sorted((k, v if v is None or isinstance(v, (str, int, float, bool)) else str(v))
                         for k, v in site.items()))
+
+
+def _native_site(model) -> Dict[str, object]:
+    """Heads, head size, layers and attention dropout of the attention modules of S3PRL's own model (fairseq's
+    ``MultiheadAttention``: ``num_heads``, ``head_dim``, ``dropout_module``)."""
+    attention = [m for m in model.modules() if hasattr(m, "num_heads") and hasattr(m, "head_dim")]
+    if not attention:
+        raise ValueError(f"{type(model).__name__} has no attention module with num_heads and head_dim")
+    first = attention[0]
+    dropout = getattr(getattr(first, "dropout_module", None), "p", getattr(first, "dropout", None))
+    return {"heads": first.num_heads, "head_dim": first.head_dim, "layers": len(attention),
+            "attention_dropout": dropout if isinstance(dropout, (int, float)) else None}
 
 
 def key_for(model, dtype, bucket: Sequence, contenders: Iterable[str], device=None,

@@ -7,8 +7,10 @@
 
 Hugging Face upstreams choose among flash_attention_2, sdpa (and its kernels) and eager. S3PRL's own WavLM runs its
 lean path (``wavlm``: the gated relative-position bias built for SDPA's kernels and rebuilt for the backward), or,
-for ``eager``, S3PRL's own attention. Other native S3PRL upstreams attend through ``F.multi_head_attention_forward``
-(already SDPA) and offer no choice: their decision says ``native-sdpa`` rather than claim a choice that was not made.
+for ``eager``, S3PRL's own attention. Other native S3PRL upstreams (HuBERT, wav2vec2, XLS-R) attend through
+``F.multi_head_attention_forward``, which is SDPA: their decision says ``native-sdpa`` (torch picks the kernel), and
+under ``auto`` on CUDA SDPA's kernels contend for them as for a Hugging Face upstream (``attention_model`` names
+the model calibration keys on).
 """
 
 import logging
@@ -93,6 +95,18 @@ def hf_model(upstream) -> Optional[torch.nn.Module]:
     return model if hasattr(model, "config") and hasattr(model.config, "_attn_implementation") else None
 
 
+def attention_model(upstream) -> Optional[torch.nn.Module]:
+    """The model whose attention ``auto`` calibrates: the HF model of an HF upstream, the upstream's own model for
+    a native upstream with attention (HuBERT, wav2vec2), None for WavLM (its lean path is not calibrated) and for
+    upstreams without attention."""
+    model = hf_model(upstream)
+    if model is not None or wavlm.is_wavlm(upstream) or not _has_attention(upstream):
+        return model
+    expert = getattr(upstream, "upstream", upstream)
+    inner = getattr(expert, "model", None)
+    return inner if isinstance(inner, torch.nn.Module) else expert
+
+
 def decide(requested: str, upstream, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None,
            source: str = "config", strict: bool = False) -> AttnDecision:
     """The backend ``upstream`` should attend with on ``device``/``dtype`` (None: not known yet).
@@ -112,8 +126,10 @@ def decide(requested: str, upstream, device: Optional[torch.device] = None, dtyp
         rejected = ()
         if requested not in (AUTO, SDPA) or (requested == SDPA and native == NO_ATTENTION):
             rejected = (Rejection(requested, f"{type(upstream.upstream).__module__} is a native S3PRL upstream "
-                                             f"({native}); its attention cannot be switched"),)
-        decision = AttnDecision(requested, native, rejected, source, context)
+                                             f"({native}); its attention runs on SDPA's kernels only"),)
+        kernels = sdpa_kernels.candidates(device, effective_dtype(device, dtype)) if native == NATIVE_SDPA else ()
+        calibrate = requested == AUTO and len(kernels) > 1
+        decision = AttnDecision(requested, native, rejected, source, context, kernels if calibrate else ())
     else:
         candidates = _ORDER if requested == AUTO else _ORDER[_ORDER.index(requested):]
         rejected, healthy = [], []

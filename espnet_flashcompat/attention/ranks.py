@@ -53,5 +53,5 @@ def merge(per_rank: List[Timings]) -> Timings:
             continue
         merged[backend] = Timing(backend, max(t.ms for t in results), max(t.peak_bytes for t in results),
                                  max(t.spread for t in results), min(t.runs for t in results),
-                                 max(t.warmup_ms for t in results))
+                                 max(t.warmup_ms for t in results), max(t.new_shape_ms for t in results))
     return merged

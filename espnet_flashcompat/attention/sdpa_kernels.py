@@ -22,6 +22,11 @@ import torch
 
 SDPA = "sdpa"
 KERNELS = ("cudnn", "flash", "efficient")  # torch's own priority order on Hopper; math comes last
+# What a new batch shape is presumed to cost a kernel, in its run times, until a bucket whose shapes repeat times it:
+# cuDNN's attention builds and compiles a graph per sequence length. H200, torch 2.11.0+cu130, cuDNN 9.19,
+# 2026-12-04: a wav2vec2 base train step of 8 x 10 s took 52.7 ms on one length, 276.3 ms when each step had a new
+# one (4.2x), which ESPnet's length-sorted batches (and a decode of one utterance at a time) give nearly every step.
+PRESUMED_SHAPE_COST = {"sdpa:cudnn": 4.2}
 _TRIGGERED = re.compile(r"\s*\(Triggered internally at [^)]*\)")
 
 
@@ -54,7 +59,7 @@ def candidates(device: Optional[torch.device], dtype: Optional[torch.dtype]) -> 
 
 def shape_rejection(implementation: str, ragged: bool) -> Optional[str]:
     """Why ``implementation`` cannot take a batch of this shape, known before running it, or None: SDPA's flash
-    kernel takes no attention mask, and a ragged batch of a Hugging Face upstream passes one."""
+    kernel takes no attention mask, and a ragged batch passes one."""
     if kernel_of(implementation) == "flash" and ragged:
         return "SDPA's flash kernel takes no attention mask, and a ragged batch has one"
     return None
@@ -67,6 +72,24 @@ def _backend(kernel: str):
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]
 
 
+_ORDER_SETTLED = False  # torch has made its first SDPA call of the process on CUDA
+
+
+def _settle_torch_order() -> None:
+    """torch sets its own kernel priority order at the process's first SDPA call on CUDA (cuDNN first on Hopper), over
+    an order set before that call: with torch 2.11 on an H200 (2026-12-04) the first forward under a pin to the
+    memory-efficient kernel ran cuDNN's. So that call is made first, on a tiny input, by the math kernel."""
+    global _ORDER_SETTLED
+    if _ORDER_SETTLED or not torch.cuda.is_available():
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    q = torch.zeros(1, 1, 1, 8, device="cuda")
+    with sdpa_kernel([_backend("math")]):
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    _ORDER_SETTLED = True
+
+
 @contextlib.contextmanager
 def pinned(implementation: str, strict: bool = False):
     """Run the block on ``implementation``'s SDPA kernel (a no-op for any other backend); see the module doc."""
@@ -77,6 +100,7 @@ def pinned(implementation: str, strict: bool = False):
     from torch.nn.attention import sdpa_kernel
 
     if not strict:
+        _settle_torch_order()
         order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
         with sdpa_kernel([_backend(k) for k in order], set_priority=True):
             yield

@@ -12,17 +12,22 @@ It also counts, per bucket, the batches whose exact shape it had not seen: ``cal
 that builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1
 at the first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new
 shape costs a backend, later buckets of the same device, dtype and train or eval do not time it where that cost
-would double its time (``_builders``), until a second look finds their shapes repeating.
+would double its time (``_builders``), until a second look finds their shapes repeating; cuDNN's attention is
+presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once two buckets of a
+device, dtype and train or eval have been measured and one backend was within the tie margin of the fastest in every
+one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the ranking does not
+change with the batch's size.
 """
 
 import logging
 import time
 from dataclasses import replace
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
 from espnet_flashcompat.attention import calibrate, calibration_key, ranks, sdpa_kernels, store
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 
+INHERIT_AFTER = 2  # measured buckets of one device, dtype and train or eval that must agree before others inherit
 logger = logging.getLogger(__name__)
 
 
@@ -40,6 +45,9 @@ class Tuner:
         # (device, dtype, train or eval) -> backend -> what a new batch shape cost it in an earlier bucket, in runs
         self.per_shape: Dict[Tuple, Dict[str, float]] = {}
         self.skipped: Dict[Tuple, Set[str]] = {}  # the contenders each bucket's last look did not time for that
+        # each measured (or stored) bucket's pick and the backends that tied with it, which later buckets may inherit
+        self.picks: Dict[Tuple, Tuple[str, FrozenSet[str]]] = {}
+        self.measured_shape_cost: Set[Tuple] = set()  # (device, dtype, train or eval, backend) timed on a new shape
 
     def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
                  measure: Callable, exact: Optional[Tuple] = None) -> AttnDecision:
@@ -52,21 +60,24 @@ class Tuner:
         if seen == 1:
             self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
         elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
-            second = self._second_look(static, bucket)  # DDP: only training, whose steps are in lockstep
+            share = self._new_shapes(bucket, seen)  # DDP: only training, whose steps are in lockstep
+            share = max(ranks.gather(share)) if together else share  # ... and every rank the same share
+            second = self._second_look(static, bucket, share)
             if second is not None:
                 self.decisions[bucket] = self._calibrate(bucket, second, shape, together, model, device, measure,
-                                                         seen)
+                                                         seen, share)
         return self.decisions[bucket]
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
         for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.per_shape,
-                      self.skipped):
+                      self.skipped, self.picks):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
 
-    def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen) -> AttnDecision:
+    def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen,
+                   share: float = 1.0) -> AttnDecision:
         refused = tuple(Rejection(b, why) for b in decision.contenders
                         if (why := sdpa_kernels.shape_rejection(b, ragged=shape[3])))
         contenders = tuple(b for b in decision.contenders if b not in {r.backend for r in refused})
@@ -87,13 +98,24 @@ class Tuner:
         if seen == 1:
             stored = self._from_store(bucket, key, decision, together, where)
             if stored is not None:
+                self.picks[bucket] = (stored.implementation,
+                                      calibrate.tied(self.timings[bucket], stored.implementation))
                 return stored
-        new_shapes = self._new_shapes(bucket, seen)
-        if not together:  # DDP ranks must time the same contenders: they do not skip
-            skipped = self._builders(bucket, contenders, new_shapes)
-            self.skipped[bucket] = {r.backend for r in skipped}
-            decision = replace(decision, rejected=decision.rejected + tuple(skipped))
-            contenders = tuple(b for b in contenders if b not in {r.backend for r in skipped})
+            inherited = None if together else self._inherited(bucket, decision, contenders, where)
+            if inherited is not None:
+                store.release(key)  # nothing measured, nothing saved: processes waiting on this key go ahead
+                return inherited
+        # DDP ranks skip alike: the per-shape costs are learned from the merged timings, the share is agreed
+        skipped = self._builders(bucket, contenders, share)
+        self.skipped[bucket] = {r.backend for r in skipped}
+        decision = replace(decision, rejected=decision.rejected + tuple(skipped))
+        contenders = tuple(b for b in contenders if b not in {r.backend for r in skipped})
+        if skipped and len(contenders) == 1 and not together:  # the one left is the pick: nothing to time
+            store.release(key)
+            decision = replace(decision, implementation=contenders[0], contenders=(),
+                               context=f"{decision.context}, {where}")
+            logger.info("%s: %s (the only contender left to time)", self.name, decision.summary())
+            return decision
         try:
             start = time.perf_counter()
             timings = measure(contenders or (decision.implementation,))
@@ -101,8 +123,11 @@ class Tuner:
             if together:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
-            measured = calibrate.pick(timings, decision, where, new_shapes) or decision
+            measured = calibrate.pick(timings, decision, where, share) or decision
             self._learn(bucket, timings)
+            if measured.measured:
+                self.picks[bucket] = (measured.implementation,
+                                      calibrate.tied(timings, measured.implementation, share))
             spent = _spent(timings)
             timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
             kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
@@ -124,25 +149,55 @@ class Tuner:
     def _learn(self, bucket, timings) -> None:
         """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
         dtype and train or eval; the lowest seen (a process's first bucket adds each kernel's first use)."""
-        known = self.per_shape.setdefault(_kind(bucket), {})
+        known = self._known(bucket)
         for t in timings.values():
             if isinstance(t, calibrate.Timing) and t.ms > 0:
                 cost = calibrate.shape_cost(t) / t.ms
+                presumed = (_kind(bucket), t.backend) not in self.measured_shape_cost
+                self.measured_shape_cost.add((_kind(bucket), t.backend))
                 if cost:
-                    known[t.backend] = min(known.get(t.backend, cost), cost)
+                    known[t.backend] = cost if presumed else min(known.get(t.backend, cost), cost)
                 else:
                     known.pop(t.backend, None)
 
     def _builders(self, bucket, contenders, new_shapes: float) -> list:
-        """Rejections of the contenders not worth timing: an earlier bucket showed that a new shape costs them more
-        than ``1 + calibrate.SHAPE_COST`` runs, at this bucket's share of new shapes (cuDNN's attention where lengths
-        vary); one contender at least stays."""
-        known = self.per_shape.get(_kind(bucket), {})
-        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SHAPE_COST]
+        """Rejections of the contenders not worth timing: a new shape costs them more than
+        ``calibrate.SKIP_SHAPE_COST`` runs at this bucket's share of new shapes, presumed or shown by an earlier bucket
+        (cuDNN's attention where lengths vary); one contender at least stays."""
+        known = self._known(bucket)
+        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SKIP_SHAPE_COST]
         if len(out) == len(contenders):
             out = out[1:]
-        return [Rejection(b, f"a new batch shape cost it {known[b]:.1f}x its run time in an earlier bucket, and "
-                             f"{new_shapes:.0%} of this bucket's batches had a new shape: not timed") for b in out]
+        return [Rejection(b, f"a new batch shape costs it {known[b]:.1f}x its run time ({self._why(bucket, b)}), "
+                             f"and {new_shapes:.0%} of this bucket's batches had a new shape: not timed") for b in out]
+
+    def _known(self, bucket) -> Dict[str, float]:
+        """Backend -> what a new batch shape costs it, in runs, on this bucket's device, dtype and train or eval:
+        presumed (``sdpa_kernels.PRESUMED_SHAPE_COST``) until a bucket measures it."""
+        return self.per_shape.setdefault(_kind(bucket), dict(sdpa_kernels.PRESUMED_SHAPE_COST))
+
+    def _why(self, bucket, backend) -> str:
+        if (_kind(bucket), backend) in self.measured_shape_cost:
+            return "measured in an earlier bucket"
+        return "presumed until a bucket measures it: it builds a graph per sequence length"
+
+    def _inherited(self, bucket, decision, contenders, where) -> Optional[AttnDecision]:
+        """A backend that was within the tie margin of the fastest in each of the ``INHERIT_AFTER`` or more buckets of
+        this device, dtype and train or eval measured so far and can take this bucket's shape (the latest pick if it
+        is one), else None (then measure). The bucket is settled: no second look."""
+        kind = _kind(bucket)
+        looks = [look for b, look in self.picks.items() if _kind(b) == kind and b != bucket]
+        common = set(contenders).intersection(*(tied for _, tied in looks)) if len(looks) >= INHERIT_AFTER else set()
+        if not common:
+            return None
+        latest = looks[-1][0]
+        chosen = latest if latest in common else min(common, key=contenders.index)
+        self.settled.add(bucket)
+        inherited = replace(decision, implementation=chosen, contenders=(), context=f"{decision.context}, {where}")
+        logger.info("%s: %s (not measured: within %.0f%% of the fastest in each of the %d buckets of this device, "
+                    "dtype and train or eval measured so far)", self.name, inherited.summary(),
+                    100 * calibrate.TIME_NOISE, len(looks))
+        return inherited
 
     def _from_store(self, bucket, key, decision, together, where) -> Optional[AttnDecision]:
         """The decision of a stored calibration of ``key``, or None (then measure). Single process: ``lookup``
@@ -162,6 +217,7 @@ class Tuner:
         if not stored:  # a miss: this process now holds the key's claim until it saves what it measures
             return None
         self.timings[bucket] = timings
+        self._learn(bucket, timings)  # as the process that measured them learned: later buckets skip alike
         if batch >= calibrate.RECHECK_AFTER:
             self.settled.add(bucket)
         logger.info("%s: %s (from the calibration store: measured at batch %d of its bucket; %s)", self.name,
@@ -169,14 +225,14 @@ class Tuner:
                     f"{calibrate.RECHECK_AFTER}")
         return stored
 
-    def _second_look(self, decision, bucket) -> Optional[AttnDecision]:
+    def _second_look(self, decision, bucket, share: float) -> Optional[AttnDecision]:
         """The decision to calibrate again: the first look's pick and the backends close to it (under DDP from the
         timings all ranks share, so every rank asks the same), the others rejected with their first-look reason.
         None when nothing came close."""
         first, timings = self.decisions[bucket], self.timings.get(bucket, {})
-        close = calibrate.close_contenders(timings, first.implementation)
+        close = calibrate.close_contenders(timings, first.implementation) or (first.implementation,)
         skipped = {r.backend: r.reason for r in first.rejected if r.backend in self.skipped.get(bucket, ())}
-        share = self._new_shapes(bucket, calibrate.RECHECK_AFTER)  # shapes repeat after all: time them now
+        # shapes repeat after all (``share``, the share of new shapes, agreed by every rank under DDP): time them now
         close += tuple(b for b in skipped if not self._builders(bucket, (b, first.implementation), share))
         if len(close) < 2:
             return None
@@ -200,4 +256,6 @@ def _spent(timings: Dict) -> str:
     timed = sum(t.runs * t.ms for t in ran) / 1e3
     coldest = max(ran, key=lambda t: t.warmup_ms, default=None)
     cold = f" ({coldest.backend} {coldest.warmup_ms / 1e3:.2f} s)" if coldest and len(ran) > 1 else ""
-    return f": {len(ran)} warm-ups {warm:.2f} s{cold}, {sum(t.runs for t in ran)} timed runs about {timed:.2f} s"
+    reshaped = sum(t.new_shape_ms for t in ran) / 1e3
+    other = f", {len(ran)} runs on another shape {reshaped:.2f} s" if reshaped else ""
+    return f": {len(ran)} warm-ups {warm:.2f} s{cold}, {sum(t.runs for t in ran)} timed runs about {timed:.2f} s{other}"
