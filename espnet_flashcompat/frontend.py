@@ -55,6 +55,8 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         self.import_faults = recovered_faults()
         self._static: Dict[Tuple[str, str], policy.AttnDecision] = {}  # (device, dtype) -> policy decision
         self._tuner = tuner.Tuner()  # under auto on CUDA: calibrations per (device, dtype, shape bucket)
+        # found once (it walks the upstream's modules); in a tuple, so as not to register it as a submodule twice
+        self._attention_model = (policy.attention_model(self.upstream),)
         self._warned = set()  # rejection tuples already warned about: one warning per decision
         self.attn_decision = self._policy(None, None)
         if self.attn_decision.implementation != policy.FLASH:  # flash waits for the device: on CPU fp32 it warns
@@ -89,7 +91,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         by calibration once per shape bucket; under DDP once per train/eval, agreed by all ranks (``ranks``).
         A GPU run sees CUDA only after the model is moved."""
         device = input.device
-        model = policy.attention_model(self.upstream)
+        model = self._attention_model[0]
         dtype = policy.effective_dtype(device, next(model.parameters()).dtype if model is not None else input.dtype)
         key = self._key = (str(device), str(dtype))
         if key not in self._static:
