@@ -12,7 +12,8 @@ It also counts, per bucket, the batches whose exact shape it had not seen: ``cal
 that builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1
 at the first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new
 shape costs a backend, later buckets of the same device, dtype and train or eval do not time it where that cost
-would double its time (``_builders``), until a second look finds their shapes repeating; cuDNN's attention is
+would be more than ``calibrate.SKIP_SHAPE_COST`` runs per batch (``_builders``), until a second look finds their
+shapes repeating; cuDNN's attention is
 presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once two buckets of a
 device, dtype and train or eval have been measured and one backend was within the tie margin of the fastest in every
 one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the ranking does not
@@ -75,6 +76,7 @@ class Tuner:
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
+        self.measured_shape_cost = {m for m in self.measured_shape_cost if m[:2] != key}
 
     def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen,
                    share: float = 1.0) -> AttnDecision:
@@ -148,7 +150,7 @@ class Tuner:
 
     def _learn(self, bucket, timings) -> None:
         """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
-        dtype and train or eval; the lowest seen (a process's first bucket adds each kernel's first use)."""
+        dtype and train or eval: the first measurement replaces the presumed cost, later ones keep the lowest."""
         known = self._known(bucket)
         for t in timings.values():
             if isinstance(t, calibrate.Timing) and t.ms > 0:
