@@ -7,6 +7,7 @@
 #   bash scripts/gpu.sh OUT_DIR espnet [ARGS]               # benchmarks/espnet_attention.py (ESPnet's own attention)
 #   bash scripts/gpu.sh OUT_DIR probe [ARGS]                # benchmarks/sdpa_kernel_probe.py (which SDPA kernel runs)
 #   bash scripts/gpu.sh OUT_DIR wavlm [ARGS]                # tests/test_wavlm.py's GPU tests, then benchmarks/wavlm.py
+#   bash scripts/gpu.sh OUT_DIR kernels [ARGS]              # benchmarks/wavlm_kernels.py (WavLM's attention alone)
 #   bash scripts/gpu.sh OUT_DIR cost [ARGS]                 # benchmarks/calibration_cost.py (fine-tuning, parallel decode)
 #   bash scripts/gpu.sh OUT_DIR native [ARGS]               # benchmarks/native_upstreams.py (S3PRL's HuBERT, wav2vec2)
 #
@@ -34,7 +35,7 @@
 #   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR ARGS
 # The install is redone whenever the wheels differ from those recorded in $W/installed (another stack, new wheels).
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe|wavlm|cost|native] [benchmark args]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe|wavlm|kernels|cost|native] [benchmark args]}
 what=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -121,9 +122,14 @@ if [ "$what" = espnet ]; then
 fi
 if [ "$what" = wavlm ]; then
     stamp "WavLM GPU tests -> $out/pytest_wavlm.log; WavLM benchmark -> $out/wavlm.{md,json}, $out/wavlm.log"
-    "$PY" -m pytest -m gpu tests/test_wavlm.py -v -rA -p no:cacheprovider 2>&1 | tee "$out/pytest_wavlm.log"
+    "$PY" -m pytest -m gpu tests/test_wavlm.py tests/test_wavlm_fused.py -v -rA -p no:cacheprovider 2>&1 | tee "$out/pytest_wavlm.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     "$PY" benchmarks/wavlm.py --out "$out" "$@" 2>&1 | tee "$out/wavlm.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = kernels ]; then
+    stamp "WavLM's attention alone, each way to run it -> $out/wavlm_kernels.{md,json}, $out/kernels.log"
+    "$PY" benchmarks/wavlm_kernels.py --out "$out" "$@" 2>&1 | tee "$out/kernels.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = probe ]; then

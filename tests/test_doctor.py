@@ -79,7 +79,10 @@ def test_stock_stack_is_healthy_and_names_what_is_broken():
     assert report["attention"]["implementation"] == "sdpa"
     assert report["recommended"]["frontend_conf"]["attn_implementation"] == "sdpa"
     assert "frontend: s3prl_flashcompat" in report["recommended"]["yaml"]
-    assert report["attention"]["wavlm"] == {"auto": "wavlm-lean", "paths": {"cpu": "sdpa-with-bias"}}
+    from espnet_flashcompat.attention import wavlm_fused
+
+    assert report["attention"]["wavlm"] == {"auto": "wavlm-lean", "paths": {"cpu": "sdpa-with-bias"},
+                                            "triton": wavlm_fused.available()}
     store = report["calibration_store"]  # the tests' own store (conftest), empty: no GPU calibrated
     assert store["location"] == os.environ["ESPNET_FLASHCOMPAT_CALIBRATION_DIR"] and store["entries"] == 0
     assert store["this_stack"] == 0 and "calibrations --clear" in store["clear"]

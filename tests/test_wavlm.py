@@ -15,7 +15,7 @@ import torch
 
 import efficient_kernel
 
-from espnet_flashcompat.attention import wavlm, wavlm_kernel
+from espnet_flashcompat.attention import wavlm, wavlm_fused, wavlm_kernel
 from espnet_flashcompat.testing import make_tiny_wavlm_checkpoint
 
 WavLM = pytest.importorskip("s3prl.upstream.wavlm.WavLM")
@@ -200,12 +200,13 @@ def _gpu_model(checkpoint_dir, implementation=None, **cfg):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "bf16_autocast"])
-def test_gpu_kernel_path_matches_stock_and_keeps_no_time_by_time_tensor(tmp_path, autocast):
-    """The real memory-efficient kernel ops: stock's outputs and gradients, with attention dropout 0.1 on one seed
-    (stock's bias-carrying SDPA call runs the same kernel: the same philox draws, and the backward replays them)
-    and without; no (.., time, time) tensor saved. fp32: 1e-4 of the largest value, with cuDNN's TF32 off (the
-    convolutional front end would round the input gradient's tiny differences to TF32 steps, 5e-4); bf16 autocast:
-    5e-2."""
+def test_gpu_kernel_path_matches_stock_and_keeps_no_time_by_time_tensor(tmp_path, autocast, monkeypatch):
+    """The real memory-efficient kernel ops (the fused Triton kernels set aside): stock's outputs and gradients, with
+    attention dropout 0.1 on one seed (stock's bias-carrying SDPA call runs the same kernel: the same philox draws,
+    and the backward replays them) and without; no (.., time, time) tensor saved. fp32: 1e-4 of the largest value,
+    with cuDNN's TF32 off (the convolutional front end would round the input gradient's tiny differences to TF32
+    steps, 5e-4); bf16 autocast: 5e-2."""
+    monkeypatch.setattr(wavlm_kernel, "USE_FUSED", False)
     lengths = (96000, 70000, 33333)  # 6 s and two shorter: 299 frames (not a multiple of 16)
     wav, padding = batch(device="cuda", lengths=lengths)
     tolerance = 1e-4 if autocast is None else 5e-2
@@ -225,6 +226,34 @@ def test_gpu_kernel_path_matches_stock_and_keeps_no_time_by_time_tensor(tmp_path
         a = stock_model.extract_features(wav, padding_mask=padding)[0].float()
         b = model.eval().extract_features(wav, padding_mask=padding)[0].float()
     assert (a - b).abs().max() <= tolerance * a.abs().max()
+
+
+@pytest.mark.gpu
+def test_gpu_fused_path_matches_stock_under_bf16_autocast(tmp_path):
+    """Under bf16 autocast the lean modules run the fused Triton kernels: without attention dropout stock's outputs
+    and gradients within 5e-2 of the largest value (as the memory-efficient kernel's path), frozen too; with dropout
+    0.1 (another draw than stock's: ``wavlm_fused``'s doc) a finite step; no (.., time, time) tensor saved."""
+    if wavlm_fused.available():
+        pytest.skip(wavlm_fused.available())
+    wav, padding = batch(device="cuda", lengths=(96000, 70000, 33333))
+    for attention_dropout in (0.0, 0.1):
+        cfg = dict(attention_dropout=attention_dropout, dropout=0.0)
+        stock, _ = run(_gpu_model(tmp_path, **cfg), wav, padding, autocast=torch.bfloat16)
+        model = _gpu_model(tmp_path, wavlm.LEAN, **cfg)
+        lean, lean_shapes = run(model, wav, padding, autocast=torch.bfloat16)
+        assert wavlm.paths_of(model) == {wavlm_kernel.FUSED: 2}
+        time = stock["output"].size(1)
+        assert not [s for s in lean_shapes if s[-2:] == (time, time)], lean_shapes
+        if attention_dropout:
+            assert all(torch.isfinite(g).all() for g in lean.values())
+        else:
+            assert_close(stock, lean, 5e-2)
+    stock_model = _gpu_model(tmp_path).eval()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        a = stock_model.extract_features(wav, padding_mask=padding)[0].float()
+        b = model.eval().extract_features(wav, padding_mask=padding)[0].float()
+    assert wavlm.paths_of(model) == {wavlm_kernel.FUSED: 2}
+    assert (a - b).abs().max() <= 5e-2 * a.abs().max()
 
 
 def test_the_half_precision_reduction_agrees_with_the_exact_one():

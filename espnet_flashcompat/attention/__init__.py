@@ -12,8 +12,10 @@
 - ``transformers_compat``: the one place where transformers versions differ (attention switching in place).
 - ``relpos_sdpa``: ESPnet's relative-position attention through SDPA, keeping no time x time tensor.
 - ``wavlm``: S3PRL's own WavLM on its lean path (patches its attention modules in place, and back).
-- ``wavlm_kernel``: WavLM's gated relative-position attention itself: the bias built in the query's dtype for
-  SDPA's kernels and rebuilt for the backward instead of kept.
+- ``wavlm_kernel``: WavLM's gated relative-position attention itself, choosing its path: the fused Triton kernels
+  (fp16, bf16 on CUDA), else the bias built in the query's dtype for SDPA's kernels and rebuilt for the backward.
+- ``wavlm_fused``: the fused path: the bias and dropout computed inside Triton kernels, differentiated by hand.
+- ``wavlm_fused_kernels``: those Triton kernels (forward, the two halves of the backward, the dropout mask).
 
 In 0.1 the policy was the module ``espnet_flashcompat.attention``; its names still resolve here.
 """

@@ -36,12 +36,14 @@ _MODULE = "s3prl.upstream.wavlm.modules"  # S3PRL's WavLM MultiheadAttention liv
 
 class RelativePosition:
     """What our layer 0 passes on to the later layers as ``position_bias``: ``rel`` (head, 2 time - 1), float32,
-    with autograd to the bias table."""
+    with autograd to the bias table; ``memo``: what the layers of this forward derive from it once (the fused
+    kernel's inputs)."""
 
-    __slots__ = ("rel",)
+    __slots__ = ("rel", "memo")
 
     def __init__(self, rel: torch.Tensor):
         self.rel = rel
+        self.memo = {}
 
     def stock(self, batch: int) -> torch.Tensor:
         """The (batch x head, time, time) tensor a stock layer 0 returns."""
@@ -80,7 +82,7 @@ class _LeanWavLMAttention:
         q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
         pad = None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, time).to(torch.bool)
         dropout_p = self.dropout_module.p if self.training else 0.0
-        out, self._flashcompat_path = wavlm_kernel.attend(q, k, v, gate, rel, pad, dropout_p)
+        out, self._flashcompat_path = wavlm_kernel.attend(q, k, v, gate, rel, pad, dropout_p, position_bias.memo)
         out = out.permute(2, 0, 1, 3).reshape(time, batch, dim)
         return self.out_proj(out), None, position_bias
 

@@ -1,5 +1,5 @@
-"""The attention of S3PRL's WavLM with its gated relative-position bias, built in the query's dtype and rebuilt for the
-backward instead of kept: the kernel half of ``attention.wavlm`` (which patches the modules and calls ``attend``).
+"""The attention of S3PRL's WavLM with its gated relative-position bias, without keeping a (.., time, time) tensor:
+the kernel half of ``attention.wavlm`` (which patches the modules and calls ``attend``), choosing among three paths.
 
 ``attend(q, k, v, gate, rel, pad, dropout_p)`` is softmax(q k^T / sqrt(head_dim) + bias) V with
 bias[b, h, i, j] = gate[b, h, i] * rel[h, j - i + time - 1], -inf at padded keys. q, k, v: (batch, head, time,
@@ -8,7 +8,10 @@ head_dim); gate: (batch, head, time), the per-query factor of WavLM's ``gru_rel_
 True at padded keys, or None. Stock S3PRL builds the same bias in float32 as (batch x head, time, time) tensors, one
 per layer, and autograd keeps each (plus its bf16 copy under autocast).
 
-On CUDA, ``_GatedBias`` writes the bias once per layer in the query's dtype (``bias``), calls the memory-efficient
+In fp16 and bf16 on CUDA (as under autocast) the fused Triton kernels serve (``wavlm_fused``: the bias and dropout
+computed inside them; with gradients 0.53x the memory-efficient path's attention time on WavLM large's 30 s layers,
+on an H200, docs/benchmarks.md); should they fail to build or launch, one warning and the path below serves the
+process. Otherwise on CUDA (fp32), ``_GatedBias`` writes the bias once per layer in the query's dtype (``bias``), calls the memory-efficient
 kernel's ops directly (as ``relpos_sdpa._LeanBias`` does; they take an additive bias and return its gradient), keeps
 q, k, v, gate, rel, out and the logsumexp, rebuilds the bias in the backward and reduces its gradient to gate's (a
 sum over keys) and rel's (sums along the diagonals of the gate-weighted sum over the batch). No (.., time, time)
@@ -17,7 +20,8 @@ bf16), else the memory-efficient kernel's. Elsewhere (CPU, deterministic algorit
 the bias is built with autograd and goes to ``scaled_dot_product_attention`` whole: the call stock S3PRL makes
 through ``F.multi_head_attention_forward``, with the same inputs.
 
-Dropout: SDPA's ``dropout_p`` on the attention probabilities, as stock passes it. On the plain path it is the same
+Dropout: SDPA's ``dropout_p`` on the attention probabilities, as stock passes it (the fused path: its own stated
+equivalent, ``wavlm_fused``). On the plain path it is the same
 SDPA call on the same RNG stream as stock (the same masks on CPU). With gradients, the kernel path draws its mask
 from the CUDA generator's philox state as the memory-efficient kernel does when stock's SDPA call runs it (which it
 does for a bias that needs a gradient: the same masks, tested), and replays it in the backward from the seed and
@@ -31,6 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from espnet_flashcompat.attention import wavlm_fused
 from espnet_flashcompat.s3prl.errors import one_line
 
 logger = logging.getLogger(__name__)
@@ -38,14 +43,26 @@ logger = logging.getLogger(__name__)
 _ALIGN = 16  # the memory-efficient kernel wants the bias's rows to start on 16-element boundaries
 _said = set()
 
+FUSED = "fused-kernel"  # the bias computed inside one Triton kernel (wavlm_fused)
 KERNEL = "efficient-kernel"  # the bias rebuilt in the backward
 PLAIN = "sdpa-with-bias"  # the bias materialised and kept by autograd
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, rel: torch.Tensor,
-           pad: Optional[torch.Tensor], dropout_p: float):
-    """(output (batch, head, time, head_dim), KERNEL or PLAIN): the path that served the call."""
+           pad: Optional[torch.Tensor], dropout_p: float, memo: Optional[dict] = None):
+    """(output (batch, head, time, head_dim), FUSED, KERNEL or PLAIN): the path that served the call."""
     if kernel_possible(q, k, v):
+        key = (q.dtype, q.size(-1), q.device.index)
+        if USE_FUSED and key not in _FUSED_REFUSED and wavlm_fused.takes(q):
+            try:
+                return wavlm_fused.attend(q, k, v, gate, rel, pad, dropout_p, _prepared(memo, rel, pad, q)), FUSED
+            except Exception as exc:  # noqa: BLE001 - a Triton build or launch failure: the kernels below serve
+                if "out of memory" in str(exc):
+                    raise
+                _FUSED_REFUSED.add(key)
+                logger.warning("espnet-flashcompat: WavLM attention: the fused Triton kernel failed on %s %s (%s); "
+                               "SDPA's memory-efficient kernel serves it, slower. Fix: check that Triton matches "
+                               "torch (pip show triton)", tuple(q.shape), q.dtype, one_line(exc))
         try:
             if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, gate, rel)):
                 return _GatedBias.apply(q, k, v, gate, rel, pad, dropout_p), KERNEL
@@ -63,7 +80,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, b, dropout_p=dropout_p), PLAIN
 
 
+def _prepared(memo: Optional[dict], rel, pad, q):
+    """``wavlm_fused.prepare``'s inputs, made once per ``memo`` (one forward's layers) and padding mask."""
+    if memo is None:
+        return None
+    key = ("fused", None if pad is None else (pad.data_ptr(), tuple(pad.shape)))
+    if key not in memo:
+        memo[key] = wavlm_fused.prepare(rel, pad, q.size(0))
+    return memo[key]
+
+
 _CUDNN_REFUSED = set()
+_FUSED_REFUSED = set()
+USE_FUSED = True  # False: SDPA's kernels only (benchmarks compare the two)
 
 
 def _forward_only(q, k, v, b, dropout_p):

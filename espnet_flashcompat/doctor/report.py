@@ -61,8 +61,9 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
                       contenders: [str]}
                      implementation: what auto picks on the GPU of highest compute capability, else the CPU;
                      contenders: what auto times there (then the recommended YAML keeps auto);
-                     wavlm: {auto: "wavlm-lean", paths: {device: "efficient-kernel"|"sdpa-with-bias"}} what S3PRL's
-                     own WavLM runs (bias rebuilt for the backward, or kept), or {error}
+                     wavlm: {auto: "wavlm-lean", paths: {device: "fused-kernel"|"efficient-kernel"|"sdpa-with-bias"},
+                     triton: null|why not} what S3PRL's own WavLM runs (fused kernels, bias rebuilt for the
+                     backward, or kept), or {error}
     recommended      {frontend, frontend_conf, yaml}     frontend_conf as the YAML nests it
     model_attention  model_attention.doctor_state(): the opt-in model-wide policy for ESPnet's own attention
                      {env, env_error, option, strict_env, opted_in_by_env, requested, tasks_wrapped,

@@ -7,6 +7,10 @@ from espnet_flashcompat.doctor.findings import at
 from espnet_flashcompat.doctor.attention import _BACKENDS, PROBE_DTYPE
 
 
+_WAVLM_PATHS = {"fused-kernel": "bias inside fused Triton kernels in fp16/bf16, rebuilt for the backward in fp32",
+                "efficient-kernel": "bias rebuilt for the backward", "sdpa-with-bias": "bias kept, as stock"}
+
+
 def render(report: dict) -> str:
     """The human-readable table of a report from ``gather()``."""
     out: List[str] = [f"espnet-flashcompat doctor {report['package']['version']} ({report['mode']} check)", ""]
@@ -36,8 +40,7 @@ def render(report: dict) -> str:
     wavlm = report["attention"].get("wavlm") or {}
     if wavlm.get("paths"):
         out.append(f"  S3PRL's own WavLM: {wavlm['auto']} (" + ", ".join(
-            f"{dev}: {'bias rebuilt for the backward' if path == 'efficient-kernel' else 'bias kept, as stock'}"
-            for dev, path in wavlm["paths"].items()) + ")")
+            f"{dev}: {_WAVLM_PATHS.get(path, path)}" for dev, path in wavlm["paths"].items()) + ")")
     if not any(d["auto"] for d in report["devices"]):
         out.append("  no decision could be made here (see Findings); attn_implementation: auto decides at run time")
     out.append("")
