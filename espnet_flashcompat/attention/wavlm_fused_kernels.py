@@ -36,9 +36,10 @@ if triton is not None:
 
     @triton.jit
     def attention_forward(Q, K, V, G, R, KB, END, O, LSE, SEED,
-                 sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t, sg_b, sg_h, sr_h, skb_b,
-                 H, T, sm_scale, threshold, rescale,
-                 HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+                          sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
+                          sg_b, sg_h, sr_h, skb_b,
+                          H, T, sm_scale, threshold, rescale,
+                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,10 +78,10 @@ if triton is not None:
 
     @triton.jit
     def backward_kv(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, DK, DV, DREL,
-                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b, sdrel_h,
-                     H, T, sm_scale, threshold, rescale,
-                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-                     E: tl.constexpr):
+                    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b, sdrel_h,
+                    H, T, sm_scale, threshold, rescale,
+                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                    E: tl.constexpr):
         """A block of keys: their k and v gradients, and the table's along the diagonals the block meets. q, k, v, dO
         and the gradients share one layout. Rows past the end (time) have q = dO = gate = 0 and an infinite
         log-sum-exp: they add nothing."""
@@ -136,9 +137,9 @@ if triton is not None:
 
     @triton.jit
     def backward_q(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, DQ, DG,
-                    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b,
-                    H, T, sm_scale, threshold, rescale,
-                    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+                   sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b,
+                   H, T, sm_scale, threshold, rescale,
+                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
         """A block of queries: their q gradient and the gate's (dG: float32, the gate's strides)."""
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
