@@ -160,8 +160,9 @@ def install(model: torch.nn.Module, implementation: str = LEAN) -> int:
             module._flashcompat_path = None
             patched += 1
     if patched:
-        logger.info("espnet-flashcompat: WavLM attention: %s on %d modules of %s (relative-position bias in the "
-                    "query's dtype, rebuilt for the backward on CUDA)", LEAN, len(modules), type(model).__name__)
+        logger.info("espnet-flashcompat: WavLM attention: %s on %d modules of %s (on CUDA the relative-position "
+                    "bias inside fused Triton kernels in fp16/bf16, rebuilt for the backward in fp32; never kept)",
+                    LEAN, len(modules), type(model).__name__)
     return len(modules)
 
 
