@@ -8,8 +8,9 @@ what S3PRL runs), ``efficient`` (``wavlm_kernel``'s memory-efficient kernel, the
 ``fused`` (``wavlm_fused``: the bias inside Triton kernels), ``no bias`` (SDPA with the padding mask only, torch's
 kernel choice: the floor). Modes: ``fine-tune`` (forward and backward, attention dropout 0.1, gradients for q, k, v,
 gate and table), the same without dropout, and ``frozen`` (forward, no gradients, no dropout). Cell: median of
-``--repeat`` calls after 3 (CUDA events), peak memory above what was allocated before the call. ``max err``: fused against a float32 computation of the
-same function with the same dropout mask, relative to its largest value, per output and gradient.
+``--repeat`` calls after 3 (CUDA events, ``attention_matrix.measure``), peak memory above what was allocated before
+the calls. ``max err``: fused against a float32 computation of the same function with the same dropout mask,
+relative to its largest value, per output and gradient.
 
     python benchmarks/wavlm_kernels.py --out DIR [--frames 1500 500] [--sweep]
 
@@ -33,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import attention_matrix  # its CUDA-event timing loop (this script's folder is on sys.path)
 from espnet_flashcompat.attention import wavlm_fused, wavlm_kernel
 
 BATCH, HEADS, HEAD_D = 8, 16, 64
@@ -86,19 +88,11 @@ def time_it(fn, ins, pad, mode, repeat):
             if grad:
                 torch.autograd.grad(out, ins, go, allow_unused=True)
 
-    for _ in range(3):
-        call()
+    call()  # the first call of a shape: outside the memory baseline and the timing
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        call()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
+    times = attention_matrix.measure(call, 2, repeat)
     return {"ms": statistics.median(times), "gib": (torch.cuda.max_memory_allocated() - base) / 2 ** 30}
 
 

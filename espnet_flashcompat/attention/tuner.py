@@ -8,16 +8,15 @@ finished one is written there, so that a later process on the same machine and s
 made at the second look settles the bucket for good. Under DDP (``together``) there is one bucket per train/eval,
 every rank measures or every rank reads the store (``ranks`` shares what each found), so that all pick alike.
 The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
-It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend
-that builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1
-at the first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new
-shape costs a backend, later buckets of the same device, dtype and train or eval do not time it where that cost
-would be more than ``calibrate.SKIP_SHAPE_COST`` runs per batch (``_builders``), until a second look finds their
-shapes repeating; cuDNN's attention is
-presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once two buckets of a
-device, dtype and train or eval have been measured and one backend was within the tie margin of the fastest in every
-one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the ranking does not
-change with the batch's size.
+It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend that
+builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1 at the
+first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new shape costs
+a backend, later buckets of the same device, dtype and train or eval do not time it where that cost would be more
+than ``calibrate.SKIP_SHAPE_COST`` runs per batch (``_builders``), until a second look finds their shapes repeating;
+cuDNN's attention is presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once
+two buckets of a device, dtype and train or eval have been measured and one backend was within the tie margin of the
+fastest in every one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the
+ranking does not change with the batch's size.
 """
 
 import logging

@@ -11,22 +11,21 @@ per layer, and autograd keeps each (plus its bf16 copy under autocast).
 In fp16 and bf16 on CUDA (as under autocast) the fused Triton kernels serve (``wavlm_fused``: the bias and dropout
 computed inside them; with gradients 0.53x the memory-efficient path's attention time on WavLM large's 30 s layers,
 on an H200, docs/benchmarks.md); should they fail to build or launch, one warning and the path below serves the
-process. Otherwise on CUDA (fp32), ``_GatedBias`` writes the bias once per layer in the query's dtype (``bias``), calls the memory-efficient
-kernel's ops directly (as ``relpos_sdpa._LeanBias`` does; they take an additive bias and return its gradient), keeps
-q, k, v, gate, rel, out and the logsumexp, rebuilds the bias in the backward and reduces its gradient to gate's (a
-sum over keys) and rel's (sums along the diagonals of the gate-weighted sum over the batch). No (.., time, time)
-tensor outlives a layer's forward. Without gradients only a forward runs: cuDNN's where it takes the bias (fp16,
-bf16), else the memory-efficient kernel's. Elsewhere (CPU, deterministic algorithms, a shape the kernel refuses)
-the bias is built with autograd and goes to ``scaled_dot_product_attention`` whole: the call stock S3PRL makes
-through ``F.multi_head_attention_forward``, with the same inputs.
+process. Otherwise on CUDA (fp32), ``_GatedBias`` writes the bias once per layer in the query's dtype (``bias``),
+calls the memory-efficient kernel's ops directly (as ``relpos_sdpa._LeanBias`` does; they take an additive bias and
+return its gradient), keeps q, k, v, gate, rel, out and the logsumexp, rebuilds the bias in the backward and reduces
+its gradient to gate's (a sum over keys) and rel's (sums along the diagonals of the gate-weighted sum over the
+batch). No (.., time, time) tensor outlives a layer's forward. Without gradients only a forward runs: cuDNN's where
+it takes the bias (fp16, bf16), else the memory-efficient kernel's. Elsewhere (CPU, deterministic algorithms, a
+shape the kernel refuses) the bias is built with autograd and goes to ``scaled_dot_product_attention`` whole: the
+call stock S3PRL makes through ``F.multi_head_attention_forward``, with the same inputs.
 
 Dropout: SDPA's ``dropout_p`` on the attention probabilities, as stock passes it (the fused path: its own stated
-equivalent, ``wavlm_fused``). On the plain path it is the same
-SDPA call on the same RNG stream as stock (the same masks on CPU). With gradients, the kernel path draws its mask
-from the CUDA generator's philox state as the memory-efficient kernel does when stock's SDPA call runs it (which it
-does for a bias that needs a gradient: the same masks, tested), and replays it in the backward from the seed and
-offset it returned. Without gradients cuDNN draws its own mask: the same distribution (Bernoulli(1 - p), scaled
-by 1 / (1 - p)), another stream.
+equivalent, ``wavlm_fused``). On the plain path it is the same SDPA call on the same RNG stream as stock (the same
+masks on CPU). With gradients, the kernel path draws its mask from the CUDA generator's philox state as the
+memory-efficient kernel does when stock's SDPA call runs it (which it does for a bias that needs a gradient: the
+same masks, tested), and replays it in the backward from the seed and offset it returned. Without gradients cuDNN
+draws its own mask: the same distribution (Bernoulli(1 - p), scaled by 1 / (1 - p)), another stream.
 """
 
 import logging
@@ -43,7 +42,7 @@ logger = logging.getLogger(__name__)
 _ALIGN = 16  # the memory-efficient kernel wants the bias's rows to start on 16-element boundaries
 _said = set()
 
-FUSED = "fused-kernel"  # the bias computed inside one Triton kernel (wavlm_fused)
+FUSED = "fused-kernel"  # the bias computed inside Triton kernels (wavlm_fused)
 KERNEL = "efficient-kernel"  # the bias rebuilt in the backward
 PLAIN = "sdpa-with-bias"  # the bias materialised and kept by autograd
 
@@ -78,6 +77,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor
     if not torch.is_autocast_enabled(q.device.type):
         b = b.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, b, dropout_p=dropout_p), PLAIN
+
+
+def path_on(device: str) -> str:
+    """The path ``attend`` takes on ``device`` ("cuda:0", "cpu") for fp16 or bf16 queries, as ``doctor`` reports it:
+    FUSED, KERNEL or PLAIN (fp32 queries on CUDA take KERNEL where this says FUSED)."""
+    if not device.startswith("cuda") or torch.are_deterministic_algorithms_enabled():
+        return PLAIN
+    if USE_FUSED and wavlm_fused.available() is None:
+        return FUSED
+    return KERNEL if hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention") else PLAIN
 
 
 def _prepared(memo: Optional[dict], rel, pad, q):

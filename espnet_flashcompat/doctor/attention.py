@@ -78,23 +78,14 @@ def devices(model, torch_info: dict) -> List[dict]:
 
 
 def wavlm(devices: List[dict]) -> dict:
-    """What S3PRL's own WavLM runs under auto on each device: its lean path, and there in fp16/bf16 the fused Triton
-    kernels (CUDA, Triton importable, deterministic algorithms off), else the bias rebuilt for the backward (CUDA,
-    SDPA's memory-efficient kernel ops present; fp32 always takes this one on CUDA), else kept; ``triton``: why the
-    fused kernels cannot run, or None."""
+    """What S3PRL's own WavLM runs under auto on each device: its lean path, and there in fp16/bf16 the path
+    ``wavlm_kernel.path_on`` names (fused Triton kernels, the bias rebuilt for the backward, or kept); ``triton``: why
+    the fused kernels cannot run, or None."""
     try:
-        import torch
-
         from espnet_flashcompat.attention import policy, wavlm_fused, wavlm_kernel
     except Exception as exc:  # torch missing: its own section says why
         return {"error": guard.one_line(exc)}
-    ops = hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
-    paths = {}
-    for d in devices:
-        cuda = d["device"].startswith("cuda") and not torch.are_deterministic_algorithms_enabled()
-        fused = cuda and wavlm_kernel.USE_FUSED and wavlm_fused.available() is None
-        paths[d["device"]] = wavlm_kernel.FUSED if fused else wavlm_kernel.KERNEL if cuda and ops \
-            else wavlm_kernel.PLAIN
+    paths = {d["device"]: wavlm_kernel.path_on(d["device"]) for d in devices}
     return {"auto": policy.WAVLM_LEAN, "paths": paths, "triton": wavlm_fused.available()}
 
 
