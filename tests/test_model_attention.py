@@ -25,7 +25,7 @@ import efficient_kernel
 from espnet_flashcompat.attention import policy
 from espnet_flashcompat.espnet import espnet_compat
 from espnet_flashcompat.s3prl import guard
-from espnet_flashcompat.espnet import model_attention, optin
+from espnet_flashcompat.espnet import model_attention, model_policy, optin
 from espnet_flashcompat.attention import relpos_sdpa
 from espnet_flashcompat.attention.policy import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
 from faults import run
@@ -61,20 +61,20 @@ def _no_env_request(monkeypatch):
 def test_decisions_name_their_reasons():
     flash_here = policy.flash_rejection(CPU, F32)
     assert flash_here  # the tests' CPU-only machines: whatever else, flash-attn cannot run on its CPU
-    auto = model_attention.decide("auto", model_attention.SELF, CPU, F32)
+    auto = model_policy.decide("auto", model_attention.SELF, CPU, F32)
     assert (auto.implementation, auto.rejected, auto.downgraded) == (SDPA, (Rejection(FLASH, flash_here),), False)
-    rel = model_attention.decide(FLASH, model_attention.REL)  # before the device is known
+    rel = model_policy.decide(FLASH, model_attention.REL)  # before the device is known
     assert rel.implementation == SDPA and rel.downgraded
     assert [r.backend for r in rel.rejected] == [FLASH] and "relative-position" in rel.rejected[0].reason
     for request in ("sdpa", "eager"):
         for kind in (model_attention.SELF, model_attention.REL):
-            decision = model_attention.decide(request, kind, CPU, F32)
+            decision = model_policy.decide(request, kind, CPU, F32)
             assert (decision.implementation, decision.rejected) == (request, ())
     with pytest.raises(AttentionUnavailableError, match="strict: rel_selfattn attention sdpa .*relative-position"):
-        model_attention.decide(FLASH, model_attention.REL, strict=True)
-    assert model_attention.decide("auto", model_attention.REL, strict=True).implementation == SDPA  # auto never refuses
-    assert "(requested auto by ESPNET_FLASHCOMPAT_MODEL_ATTN)" in model_attention.describe(
-        model_attention.decide("auto", model_attention.SELF, CPU, F32, source=optin.MODEL_ENV))
+        model_policy.decide(FLASH, model_attention.REL, strict=True)
+    assert model_policy.decide("auto", model_attention.REL, strict=True).implementation == SDPA  # auto never refuses
+    assert "(requested auto by ESPNET_FLASHCOMPAT_MODEL_ATTN)" in model_policy.describe(
+        model_policy.decide("auto", model_attention.SELF, CPU, F32, source=optin.MODEL_ENV))
 
 
 def test_request_from_environment_and_config(monkeypatch):
@@ -149,8 +149,9 @@ def test_policy_on_a_model_built_by_espnet(tmp_path, caplog):
         ours = _build(tmp_path, model_attn_implementation="sdpa").eval()
     assert model_attention.policy_of(stock) is None
     policy = model_attention.policy_of(ours)
-    assert policy.request == optin.Request("sdpa", "config") and policy.modules == {model_attention.SELF: 4}
-    assert "model attention policy (requested sdpa by model_attn_implementation) on 4 selfattn modules" in caplog.text
+    assert policy.request == optin.Request("sdpa", "config") and policy.modules == {"encoder selfattn": 2, "decoder selfattn": 1, "decoder source selfattn": 1}
+    assert "model attention policy (requested sdpa by model_attn_implementation) on 1 decoder selfattn, 1 decoder source "\
+           "selfattn, 2 encoder selfattn modules" in caplog.text
     for a, b in zip(_attention_modules(stock), _attention_modules(ours)):
         assert type(b).__bases__[1] is type(a)  # ESPnet's class, under ours
         assert isinstance(b.dropout, torch.nn.Dropout) and b.dropout.p == b.dropout_rate
@@ -162,7 +163,7 @@ def test_policy_on_a_model_built_by_espnet(tmp_path, caplog):
     assert not any(m.use_sdpa for m in _attention_modules(stock))
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)  # SDPA vs eager: same sums, other order
     assert torch.equal(lengths, ref_lengths)
-    assert list(policy.decisions) == [(model_attention.SELF, "cpu", "torch.float32")]
+    assert list(policy.decisions) == [("encoder selfattn", "cpu", "torch.float32")]
 
 
 def test_attention_plots_still_get_their_weights(tmp_path):
@@ -184,8 +185,8 @@ class _ForcedFlash(model_attention.ModelAttentionPolicy):
     """Decides flash everywhere, as the policy does on a GPU that passes its checks: on this CPU ESPnet's own flash
     code then fails for real (flash-attn is not installed in the test venv: its functions are undefined in ESPnet's module)."""
 
-    def decide(self, kind, device=None, dtype=None):
-        decision = model_attention.decide(self.request.backend, kind, device, dtype, self.request.source)
+    def rule(self, kind, device=None, dtype=None):
+        decision = model_policy.decide(self.request.backend, kind, device, dtype, self.request.source)
         return AttnDecision(decision.requested, FLASH, (), decision.source, decision.context)
 
 
@@ -221,12 +222,12 @@ def test_flash_failing_at_run_time_keeps_dropout_and_reruns_on_sdpa(caplog):
         torch.manual_seed(3)
         first = _run_stack(ours, x, mask)
     ours_warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(ours_warnings) == 1 and ours_warnings[0].name == "espnet_flashcompat.espnet.model_attention"
+    assert len(ours_warnings) == 1 and ours_warnings[0].name == "espnet_flashcompat.espnet.model_policy"
     message = ours_warnings[0].getMessage()
     assert "flash-attn failed at run time; re-running the call" in message
     assert "rejected flash_attention_2: NameError: name '" in message  # the real exception, type and all
     assert ESPNET_FALLBACK not in caplog.text  # ESPnet's per-module warning was taken, not passed on
-    assert policy.decisions[(model_attention.SELF, "cpu", "torch.float32")].implementation == SDPA
+    assert policy.decisions[("encoder selfattn", "cpu", "torch.float32")].implementation == SDPA
     for module in ours:
         assert (module.use_flash_attn, module.use_sdpa, module.attn) == (False, True, None)
         assert isinstance(module.dropout, torch.nn.Dropout) and module.dropout.p == 0.5
@@ -463,8 +464,9 @@ def test_asr_train_without_the_opt_in_trains_exactly_as_stock(corpus, tmp_path):
 def test_asr_train_and_inference_with_the_yaml_opt_in(corpus, tmp_path):
     proc = _train(corpus, tmp_path, "exp", config={optin.OPTION: "auto"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "model attention policy (requested auto by model_attn_implementation) on 4 selfattn modules" in proc.stderr
-    assert "model attention: selfattn attention sdpa on cpu float32 (requested auto by model_attn_implementation); " \
+    assert "model attention policy (requested auto by model_attn_implementation) on 1 decoder selfattn, 1 decoder " \
+           "source selfattn, 2 encoder selfattn modules" in proc.stderr
+    assert "model attention: encoder selfattn attention sdpa on cpu float32 (requested auto by model_attn_implementation); " \
            "rejected flash_attention_2: " in proc.stderr
     assert ESPNET_FALLBACK not in proc.stderr
     assert yaml.safe_load((tmp_path / "exp" / "config.yaml").read_text())[optin.OPTION] == "auto"
@@ -528,8 +530,8 @@ def test_espnet3_model_config_opts_in(tmp_path):
                 tmp_path / "exp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result == {"request": "sdpa", "modules": {"selfattn": 4},
-                      "decisions": {"selfattn cpu torch.float32": "sdpa"}, "saved": "sdpa"}
+    assert result == {"request": "sdpa", "modules": {"encoder selfattn": 2, "decoder selfattn": 1, "decoder source selfattn": 1},
+                      "decisions": {"encoder selfattn cpu torch.float32": "sdpa"}, "saved": "sdpa"}
 
 
 # ----------------------------------------------------------------------------------------- GPU only
@@ -554,20 +556,25 @@ def _dropout_active(module, device):
 
 
 @pytest.mark.gpu
-def test_gpu_fp32_runs_sdpa_with_dropout_and_no_per_module_warnings(tmp_path, caplog):
+def test_gpu_fp32_never_runs_flash_keeps_dropout_and_gives_no_per_module_warnings(tmp_path, caplog):
+    """auto in fp32 on CUDA: SDPA and eager contend (flash-attn runs fp16/bf16 only), each site runs its pick."""
     model = _build(tmp_path, model_attn_implementation="auto").cuda().train()
     with caplog.at_level(logging.INFO):
         loss = model(**_asr_batch("cuda"))[0]
         loss.backward()
-    decision = model_attention.policy_of(model).decisions[(model_attention.SELF, "cuda:0", "torch.float32")]
-    assert decision.implementation == SDPA
-    if guard.probe_flash_attn() is None:
-        assert "dtype float32 (FlashAttention runs fp16/bf16 only" in decision.rejected[0].reason
+    decisions = model_attention.policy_of(model).decisions
+    assert {k[0] for k in decisions} == {"encoder selfattn", "decoder selfattn", "decoder source selfattn"}
+    for (site, device, dtype), decision in decisions.items():
+        assert (device, dtype) == ("cuda:0", "torch.float32") and decision.measured
+        assert decision.implementation in (SDPA, "eager")
+        if guard.probe_flash_attn() is None:
+            assert "dtype float32 (FlashAttention runs fp16/bf16 only" in decision.rejected[0].reason
     assert ESPNET_FALLBACK not in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("espnet_flashcompat")]
-    modules = _attention_modules(model)
-    assert all(m.use_sdpa and not m.use_flash_attn for m in modules)
-    assert _dropout_active(modules[0], "cuda")
+    for module in _attention_modules(model):
+        picked = decisions[(module._flashcompat_site, "cuda:0", "torch.float32")].implementation
+        assert (module.use_sdpa, module.use_flash_attn) == (picked == SDPA, False)
+    assert _dropout_active(_attention_modules(model)[0], "cuda")
 
 
 _GPU_FLASH = """
@@ -582,7 +589,7 @@ def build(implementation):
 g = torch.Generator().manual_seed(0)
 speech, lengths = (0.1 * torch.randn(2, 8000, generator=g)).cuda(), torch.tensor([8000, 5600]).cuda()
 text, text_lengths = torch.tensor([[2, 3, 4, 2], [4, 3, 0, 0]]).cuda(), torch.tensor([4, 2]).cuda()
-model = build("auto").train()
+model = build("flash_attention_2").train()
 with torch.autocast("cuda", torch.bfloat16):
     loss = model(speech, lengths, text, text_lengths)[0]
 loss.backward()
@@ -602,7 +609,7 @@ print("RESULT " + json.dumps(dict(decisions=decisions, flags=flags, loss=loss.it
 @pytest.mark.gpu
 @_needs_ampere
 def test_gpu_bf16_with_a_healthy_flash_attn_runs_flash(tmp_path, healthy_flash_attn):
-    """auto under bf16 AMP with a working flash-attn: ESPnet's own flash path (varlen on the ragged batch), no module
+    """flash_attention_2 under bf16 AMP with a working flash-attn: ESPnet's own flash path (varlen on the ragged batch), no module
     falls back, and the encoder agrees with SDPA within bf16 on the valid frames (unit roundoff 2**-8, a few u each:
     3e-2; ESPnet's varlen path outputs zeros on padded frames, its SDPA path attends from them)."""
     (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
@@ -611,7 +618,8 @@ def test_gpu_bf16_with_a_healthy_flash_attn_runs_flash(tmp_path, healthy_flash_a
                pythonpath=healthy_flash_attn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ")[-1])
-    assert result["decisions"] == {"selfattn cuda:0 torch.bfloat16": FLASH}
+    assert result["decisions"] == {f"{site} cuda:0 torch.bfloat16": FLASH for site in
+                                   ("encoder selfattn", "decoder selfattn", "decoder source selfattn")}
     assert result["flags"] == [True] * 4  # none fell back
     assert "failed at run time" not in proc.stderr and ESPNET_FALLBACK not in proc.stderr
     assert result["diff"] <= 3e-2 * result["scale"] and np.isfinite(result["loss"])
@@ -702,7 +710,10 @@ def test_gpu_broken_flash_attn_names_the_cause_once_and_runs_sdpa(tmp_path, brok
     proc = run([sys.executable, "-c", _GPU_BROKEN, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
                pythonpath=[broken_flash_attn])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"selfattn cuda:0 torch.bfloat16": "sdpa"}
+    picks = json.loads(proc.stdout.strip().splitlines()[-1])  # auto measured the backends that run
+    assert set(picks) == {f"{site} cuda:0 torch.bfloat16" for site in
+                          ("encoder selfattn", "decoder selfattn", "decoder source selfattn")}
+    assert all(p == "eager" or p.startswith("sdpa") for p in picks.values()), picks
     named = [line for line in proc.stderr.splitlines()
              if "flash_attn_2_cuda" in line and not line.startswith("Failed to import Flash Attention")]
     assert len(named) == 1 and "flash-attn is installed but broken" in named[0], named

@@ -2,7 +2,8 @@
 
 The GPU (name, compute capability), driver, CUDA, cuDNN, torch, transformers and flash-attn versions (missing or
 broken as such), the attention site (model class, heads, head size, layers, dtype, attention dropout; no weights;
-a Hugging Face model's config, or the attention modules of S3PRL's own models),
+a Hugging Face model's config, the attention modules of S3PRL's own models, or what the caller reads off ESPnet's
+attention modules),
 train or eval with how many parameters get a gradient, the shape bucket, the contender set and the store format.
 A change in any of them is another key: the store never hands a calibration to a stack it was not made on.
 Imports no torch until a key is made.
@@ -74,11 +75,14 @@ def stack(device=None) -> Dict[str, str]:
             "flash_attn": _flash_attn()}
 
 
-def site_of(model, dtype) -> Tuple[Tuple[str, object], ...]:
+def site_of(model, dtype, fields: Optional[Mapping[str, object]] = None) -> Tuple[Tuple[str, object], ...]:
     """The attention site of a model, in ``dtype``: its class and attention configuration, from a Hugging Face
-    model's config, else (S3PRL's own models) from its attention modules (``num_heads``, ``head_dim``)."""
+    model's config, else (S3PRL's own models) from its attention modules (``num_heads``, ``head_dim``); ``fields``:
+    the configuration as the caller reads it (ESPnet's attention modules)."""
     config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "num_attention_heads"):
+    if fields is not None:
+        site = dict(fields)
+    elif config is None or not hasattr(config, "num_attention_heads"):
         site = _native_site(model)
     else:
         heads, hidden = config.num_attention_heads, getattr(config, "hidden_size", None)
@@ -103,24 +107,24 @@ def _native_site(model) -> Dict[str, object]:
 
 
 def key_for(model, dtype, bucket: Sequence, contenders: Iterable[str], device=None,
-            flash_attn: Optional[str] = None) -> Optional[Key]:
+            flash_attn: Optional[str] = None, site: Optional[Mapping[str, object]] = None) -> Optional[Key]:
     """The key of calibrating ``model`` (the HF model) in ``dtype`` (the one in effect) on ``device`` (default: the
     model's) for ``bucket`` (``calibrate.bucket()``, or ``(train,)`` when one decision stands for every shape)
     among ``contenders``. ``flash_attn`` overrides the probed flash-attn state. None (and a warning) if it cannot
-    be made: the calibration then runs without the store."""
+    be made: the calibration then runs without the store. ``site``: ``site_of``'s ``fields``."""
     try:
-        return _key(model, dtype, bucket, contenders, device, flash_attn)
+        return _key(model, dtype, bucket, contenders, device, flash_attn, site)
     except Exception as exc:
         logger.warning("espnet-flashcompat calibration store: no key for %s: %s; calibrating without the store",
                        type(model).__name__, one_line(exc))
         return None
 
 
-def _key(model, dtype, bucket, contenders, device, flash_attn) -> Key:
+def _key(model, dtype, bucket, contenders, device, flash_attn, site) -> Key:
     params, train = list(model.parameters()), bool(bucket[0])
     fields = {**stack(device if device is not None or not params else params[0].device),
               **({} if flash_attn is None else {"flash_attn": flash_attn})}
-    return Key(**fields, site=site_of(model, dtype), train=train,
+    return Key(**fields, site=site_of(model, dtype, site), train=train,
                trainable=sum(p.numel() for p in params if p.requires_grad) if train else 0,
                bucket=tuple(bucket[1:]), contenders=tuple(sorted(contenders)))
 

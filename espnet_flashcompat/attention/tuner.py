@@ -1,4 +1,5 @@
-"""When ``auto`` calibrates, and what it reuses instead: one frontend's calibrations, per shape bucket.
+"""When ``auto`` calibrates, and what it reuses instead: one frontend's calibrations (or one site's of ESPnet's own
+attention, ``espnet.model_policy``), per shape bucket.
 
 ``Tuner.decision()`` gives the decision for a batch: the policy's (``static``) when nothing contends; else, per
 shape bucket (``calibrate.bucket``), a calibration at the bucket's first batch and a second look at its
@@ -32,10 +33,14 @@ logger = logging.getLogger(__name__)
 
 
 class Tuner:
-    """The calibrations of one frontend: decisions, timings and batches seen, per (device, dtype, bucket)."""
+    """The calibrations of one frontend (or attention site): decisions, timings and batches seen, per (device, dtype,
+    bucket)."""
 
-    def __init__(self, name: str = "s3prl_flashcompat"):
+    def __init__(self, name: str = "s3prl_flashcompat", describe: Callable[[Tuple], str] = calibrate.describe,
+                 site: Optional[Dict[str, object]] = None):
         self.name = name  # the log lines' prefix
+        self.describe = describe  # a shape bucket in words; its last field says whether the batch is ragged
+        self.site = site  # the calibration store key's attention site, where the model's own cannot be read
         self.decisions: Dict[Tuple, AttnDecision] = {}
         self.seen: Dict[Tuple, int] = {}
         self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
@@ -80,10 +85,10 @@ class Tuner:
     def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen,
                    share: float = 1.0) -> AttnDecision:
         refused = tuple(Rejection(b, why) for b in decision.contenders
-                        if (why := sdpa_kernels.shape_rejection(b, ragged=shape[3])))
+                        if (why := sdpa_kernels.shape_rejection(b, ragged=shape[-1])))
         contenders = tuple(b for b in decision.contenders if b not in {r.backend for r in refused})
         decision = replace(decision, contenders=contenders, rejected=decision.rejected + refused)
-        where = calibrate.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
+        where = self.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
         if len(contenders) == 1 and not together:  # nothing to choose among on this shape
             decision = replace(decision, implementation=contenders[0], contenders=(),
                                context=f"{decision.context}, {where}")
@@ -94,7 +99,7 @@ class Tuner:
         if seen == 1:  # the bucket's key names all its contenders, the second look's few included
             self.keys[bucket] = model is not None and calibration_key.key_for(
                 model, bucket[1], (shape[0], "ranks", ranks.world_size()) if together else shape,
-                contenders or (decision.implementation,), device) or None
+                contenders or (decision.implementation,), device, site=self.site) or None
         key = self.keys.get(bucket)
         if seen == 1:
             stored = self._from_store(bucket, key, decision, together, where)

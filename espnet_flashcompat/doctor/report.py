@@ -68,7 +68,9 @@ JSON schema, version 2 (``--json``; keys are only ever added within a schema ver
     model_attention  model_attention.doctor_state(): the opt-in model-wide policy for ESPnet's own attention
                      {env, env_error, option, strict_env, opted_in_by_env, requested, tasks_wrapped,
                       decisions: [{device, dtype,
-                                   selfattn|rel_selfattn: {implementation, rejected: {backend: reason}}}]}
+                                   selfattn|rel_selfattn: {implementation, contenders: [backend],
+                                                           rejected: {backend: reason}}}]}
+                     contenders: what auto times on that device (CUDA), empty where the rule decides
                      requested: ESPNET_FLASHCOMPAT_MODEL_ATTN's value, else auto (what the YAML opt-in would ask);
                      or {error} when it cannot be asked (torch missing)
     calibration_store {location: str|null (null: off), env, entries, this_stack, clear}: where auto keeps its
