@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from espnet_flashcompat.attention import wavlm
+from espnet_flashcompat.attention import wavlm, wavlm_fused
 
 SIZES = {
     "large": dict(encoder_layers=24, encoder_embed_dim=1024, encoder_ffn_embed_dim=4096, encoder_attention_heads=16,
@@ -199,7 +199,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model, 1 s, one step")
+    parser.add_argument("--fused-variant", nargs="*", default=[], choices=["STORE_KEEP_MASK", "DREL_PER_BATCH"],
+                        help="turn on these variants of the fused backward (attention/wavlm_fused.py)")
     args = parser.parse_args()
+    for flag in args.fused_variant:
+        setattr(wavlm_fused, flag, True)
     if args.tiny:
         args.models, args.seconds, args.warmup, args.repeat = ["tiny"], [1.0], 0, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -12,7 +12,7 @@ gate and table), the same without dropout, and ``frozen`` (forward, no gradients
 the calls. ``max err``: fused against a float32 computation of the same function with the same dropout mask,
 relative to its largest value, per output and gradient.
 
-    python benchmarks/wavlm_kernels.py --out DIR [--frames 1500 500] [--sweep]
+    python benchmarks/wavlm_kernels.py --out DIR [--frames 1500 500] [--sweep | --variants | --first-use]
 
 ``--first-use`` times what the kernels cost a process before its first step: Triton compiles each kernel for the
 first shape class it meets (time divisible by 16 or not, dropout or not) and keeps it in its disk cache
@@ -21,7 +21,9 @@ fine-tuning call (forward and backward, dropout 0.1), its first frozen call, and
 other class; the second process finds the first one's kernels on disk.
 
 ``--sweep`` times the fused kernels' tile sizes and warps instead (the forward's frozen, the backward's in fine-tune
-mode, on the first ``--frames``).
+mode, on the first ``--frames``). ``--variants`` times the fused backward's two variants (the forward stores the
+dropout mask for the backward; the table's gradient added per utterance), alone and together, against the default,
+fine-tuning, on every ``--frames``.
 """
 
 import argparse
@@ -136,6 +138,36 @@ def sweep(frames: int, repeat: int):
     return results
 
 
+VARIANTS = {"default": {}, "stored mask": dict(STORE_KEEP_MASK=True), "table per utterance": dict(DREL_PER_BATCH=True),
+            "both": dict(STORE_KEEP_MASK=True, DREL_PER_BATCH=True)}
+
+
+def variants(frames_list, repeat: int) -> str:
+    """The fused backward's variants (``wavlm_fused.STORE_KEEP_MASK``, ``DREL_PER_BATCH``) against the default,
+    fine-tuning with dropout 0.1, interleaved in rounds so that drift hits all alike; median per variant."""
+    lines = ["| frames | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    for frames in frames_list:
+        ins, pad = inputs(frames, True)
+        times = {name: [] for name in VARIANTS}
+        peaks = dict.fromkeys(VARIANTS, 0.0)
+        for round_ in range(3):
+            for name, flags in (VARIANTS.items() if round_ % 2 == 0 else list(VARIANTS.items())[::-1]):
+                saved = {k: getattr(wavlm_fused, k) for k in ("STORE_KEEP_MASK", "DREL_PER_BATCH")}
+                for k, v in {**saved, **{k: False for k in saved}, **flags}.items():
+                    setattr(wavlm_fused, k, v)
+                try:
+                    cell = time_it(wavlm_fused.attend, ins, pad, "fine-tune", repeat)
+                finally:
+                    for k, v in saved.items():
+                        setattr(wavlm_fused, k, v)
+                times[name].append(cell["ms"])
+                peaks[name] = max(peaks[name], cell["gib"])
+        logging.info("frames %d: %s", frames, times)
+        lines.append(f"| {frames} | " + " | ".join(f"{statistics.median(times[n]):.2f} ms, {peaks[n]:.2f} GiB"
+                                                   for n in VARIANTS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def first_use(frames: int) -> dict:
     """Seconds of the first calls in this process (see the module's doc)."""
     import time
@@ -186,11 +218,17 @@ def main():
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--first-use", action="store_true")
+    parser.add_argument("--variants", action="store_true", help="the fused backward's variants against the default")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.first_use:
         logging.info("\n%s", first_use_table(args.frames[0], args.out))
+        return
+    if args.variants:
+        text = variants(args.frames, args.repeat)
+        (args.out / "wavlm_kernels_variants.md").write_text(text)
+        logging.info("\n%s", text)
         return
     if args.sweep:
         rows = sweep(args.frames[0], args.repeat)

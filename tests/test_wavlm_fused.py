@@ -48,11 +48,13 @@ def errors(device, dtype, batch, heads, time, head_dim, padded, dropout_p, seed=
     return result
 
 
-def _interpreted(dropout_p: float, padded: int) -> dict:
-    """``errors`` on the CPU under Triton's interpreter, with 16 x 16 and 16 x 32 tiles, in a process of its own."""
+def _interpreted(dropout_p: float, padded: int, variants: bool = False) -> dict:
+    """``errors`` on the CPU under Triton's interpreter, with 16 x 16 and 16 x 32 tiles, in a process of its own;
+    ``variants``: with the stored dropout mask and the table's gradient per utterance."""
     code = (
         "import json, sys; sys.path.insert(0, sys.argv[1]); import test_wavlm_fused as t; "
         "from espnet_flashcompat.attention import wavlm_fused as f; "
+        f"f.STORE_KEEP_MASK = f.DREL_PER_BATCH = {variants}; "
         "f.FORWARD = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1); "
         "f.BACKWARD_KV = dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1); "
         "f.BACKWARD_Q = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1); "
@@ -65,12 +67,14 @@ def _interpreted(dropout_p: float, padded: int) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dropout_p, padded", [(0.0, 7), (0.3, 20)], ids=["no_dropout", "dropout_long_padding"])
-def test_the_kernels_compute_the_function_and_its_gradients(dropout_p, padded):
+@pytest.mark.parametrize("dropout_p, padded, variants", [(0.0, 7, False), (0.3, 20, False), (0.3, 20, True)],
+                         ids=["no_dropout", "dropout_long_padding", "stored_mask_table_per_utterance"])
+def test_the_kernels_compute_the_function_and_its_gradients(dropout_p, padded, variants):
     """45 frames in tiles of 16 and 32 (a partial last tile), three utterances 45, 45 - padded, 45 - 2 padded
     frames long (at 20, whole key tiles past the end are skipped): the output and the gradients of q, k, v, the
-    gate and the table agree with fp64 to fp32 rounding, with the dropout mask ``keep_mask`` gives."""
-    err = _interpreted(dropout_p, padded)
+    gate and the table agree with fp64 to fp32 rounding, with the dropout mask ``keep_mask`` gives; also where the
+    backward reads the mask the forward stored and adds the table's gradient per utterance."""
+    err = _interpreted(dropout_p, padded, variants)
     assert max(v for n, v in err.items() if n != "kept") < 1e-5, err
     if dropout_p:
         assert abs(err["kept"] - (1 - dropout_p)) < 0.03, err  # 3 x 2 x 45 x 45 draws: 0.03 is 7 standard errors

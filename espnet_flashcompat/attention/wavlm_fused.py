@@ -39,6 +39,14 @@ if triton is not None:
 FORWARD = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
 BACKWARD_KV = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 BACKWARD_Q = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+# Two variants of the backward, each tested, to be timed against the default by `kernels --variants`
+# (benchmarks/wavlm_kernels.py) before either becomes it: the forward stores the dropout mask, a bit per
+# probability (batch x head x time x time / 8 bytes kept for the backward: 36 MiB per WavLM large layer at 8 x 30 s),
+# and the backward kernels read it instead of drawing it again; the table's gradient is added per utterance and
+# summed afterwards, so that eight times fewer programs add to one address.
+STORE_KEEP_MASK = False
+DREL_PER_BATCH = False
+_MASK_ROW_ALIGN = 256  # the stored mask's rows cover whole key tiles of up to this many keys
 
 
 def available() -> Optional[str]:
@@ -111,18 +119,22 @@ class _Fused(torch.autograd.Function):
             else q.new_zeros(1, dtype=torch.int64)
         out = _time_major_like(q)
         lse = q.new_empty(b * h, t, dtype=torch.float32)
+        store = dropout and STORE_KEEP_MASK and any(ctx.needs_input_grad[:5])
+        row_bytes = triton.cdiv(t, _MASK_ROW_ALIGN) * _MASK_ROW_ALIGN // 8
+        mask = q.new_empty((b * h, t, row_bytes) if store else (1,), dtype=torch.uint8)
         cfg = dict(FORWARD)
         attention_forward[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
-            q, k, v, gate, table[:, _TABLE_PAD + t - 1:], kb, end, out, lse, seed, *_strides(q), *_strides(k),
+            q, k, v, gate, table[:, _TABLE_PAD + t - 1:], kb, end, out, lse, seed, mask, *_strides(q), *_strides(k),
             *_strides(v), *_strides(out), gate.stride(0), gate.stride(1), table.stride(0), skb_b, h, t, dim ** -0.5,
-            *dropout_threshold(dropout_p), HEAD_D=dim, DROPOUT=dropout, **cfg)
-        ctx.save_for_backward(q, k, v, gate, table, kb, end, out, lse, seed)
+            *dropout_threshold(dropout_p), row_bytes, HEAD_D=dim, DROPOUT=dropout, STORE_MASK=store, **cfg)
+        ctx.save_for_backward(q, k, v, gate, table, kb, end, out, lse, seed, mask)
+        ctx.stored_mask, ctx.row_bytes = store, row_bytes
         ctx.dropout_p, ctx.skb_b, ctx.rel_dtype = float(dropout_p), skb_b, rel.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, gate, table, kb, end, out, lse, seed = ctx.saved_tensors
+        q, k, v, gate, table, kb, end, out, lse, seed, mask = ctx.saved_tensors
         b, h, t, dim = q.shape
         delta = (grad_out.float() * out.float()).sum(-1).reshape(b * h, t)
         do = _time_major_like(q).copy_(grad_out)
@@ -130,22 +142,25 @@ class _Fused(torch.autograd.Function):
         q, k, v = (x if x.stride() == do.stride() else _time_major_like(x).copy_(x) for x in (q, k, v))
         dq, dk, dv = _time_major_like(q), _time_major_like(k), _time_major_like(v)
         dgate = torch.empty(gate.shape, device=q.device, dtype=torch.float32)
-        drel = torch.zeros(h, 2 * t - 1, device=q.device, dtype=torch.float32)
+        drel = torch.zeros(b * h if DREL_PER_BATCH else h, 2 * t - 1, device=q.device, dtype=torch.float32)
         r = table[:, _TABLE_PAD + t - 1:]
-        common = dict(HEAD_D=dim, DROPOUT=ctx.dropout_p > 0.0)
+        common = dict(HEAD_D=dim, DROPOUT=ctx.dropout_p > 0.0, STORED_MASK=ctx.stored_mask)
         strides = (*_strides(do), *_strides(k), *_strides(v), gate.stride(0), gate.stride(1), table.stride(0),
                    ctx.skb_b)
         threshold, rescale = dropout_threshold(ctx.dropout_p)
         cfg = dict(BACKWARD_KV)
         grid = (triton.cdiv(t, cfg["BLOCK_N"]), b * h)
         backward_kv[grid](
-            q, k, v, gate, r, kb, end, do, lse, delta, seed, dk, dv, drel, *strides, drel.stride(0),
-            h, t, dim ** -0.5, threshold, rescale, E=triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"]),
+            q, k, v, gate, r, kb, end, do, lse, delta, seed, mask, dk, dv, drel, *strides, drel.stride(0),
+            h, t, dim ** -0.5, threshold, rescale, ctx.row_bytes,
+            E=triton.next_power_of_2(cfg["BLOCK_M"] + cfg["BLOCK_N"]), DREL_PER_BATCH=DREL_PER_BATCH,
             **common, **cfg)
         cfg = dict(BACKWARD_Q)
         backward_q[(triton.cdiv(t, cfg["BLOCK_M"]), b * h)](
-            q, k, v, gate, r, kb, end, do, lse, delta, seed, dq, dgate, *strides,
-            h, t, dim ** -0.5, threshold, rescale, **common, **cfg)
+            q, k, v, gate, r, kb, end, do, lse, delta, seed, mask, dq, dgate, *strides,
+            h, t, dim ** -0.5, threshold, rescale, ctx.row_bytes, **common, **cfg)
+        if DREL_PER_BATCH:
+            drel = drel.view(b, h, -1).sum(0)
         return dq, dk, dv, dgate.to(gate.dtype), drel.to(ctx.rel_dtype), None, None
 
 

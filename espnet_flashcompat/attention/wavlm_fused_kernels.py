@@ -1,7 +1,8 @@
 """The Triton kernels of ``wavlm_fused`` (which says what they compute, launches them and differentiates): WavLM's
 gated relative-position attention forward (``attention_forward``) and backward (``backward_kv``: k, v and the
-table; ``backward_q``: q and the gate), and the dropout mask they share (``dropout_keep``; ``write_keep_mask``
-writes it out, for tests).
+table; ``backward_q``: q and the gate), and the dropout mask they share (``dropout_keep``, drawn again in each
+kernel, or drawn once by the forward and stored a bit per probability: ``pack_keep``, ``stored_keep``;
+``write_keep_mask`` writes it out, for tests).
 
 Scores run in base 2 (``exp2``): the table and the key bias come multiplied by log2(e), the log-sum-exp is stored so.
 q, k, v, dO and the gradients are (batch, head, time, head_dim) views with strides given per tensor (the head
@@ -35,11 +36,27 @@ if triton is not None:
         return bits >= threshold
 
     @triton.jit
-    def attention_forward(Q, K, V, G, R, KB, END, O, LSE, SEED,
+    def pack_keep(keep, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(BLOCK_M, BLOCK_N // 8) bytes: bit j of byte c says whether key 8 c + j is kept."""
+        bits = tl.reshape(keep.to(tl.int32), (BLOCK_M, BLOCK_N // 8, 8)) << tl.arange(0, 8)[None, None, :]
+        return tl.sum(bits, 2).to(tl.uint8)
+
+    @triton.jit
+    def stored_keep(MASK, bh, rows, start, T, row_bytes, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """``dropout_keep`` read back from the bytes the forward stored (``pack_keep``); rows past T: none kept."""
+        cols = start // 8 + tl.arange(0, BLOCK_N // 8)
+        packed = tl.load(MASK + (bh.to(tl.int64) * T + rows[:, None]) * row_bytes + cols[None, :],
+                         mask=rows[:, None] < T, other=0)
+        bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        return tl.reshape(bits, (BLOCK_M, BLOCK_N)) != 0
+
+    @triton.jit
+    def attention_forward(Q, K, V, G, R, KB, END, O, LSE, SEED, MASK,
                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, so_b, so_h, so_t,
                           sg_b, sg_h, sr_h, skb_b,
-                          H, T, sm_scale, threshold, rescale,
-                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+                          H, T, sm_scale, threshold, rescale, row_bytes,
+                          HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                          STORE_MASK: tl.constexpr):
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -67,6 +84,10 @@ if triton is not None:
             if DROPOUT:
                 keep = dropout_keep(seed, bh, rows, start, T, threshold, BLOCK_M, BLOCK_N)
                 p = tl.where(keep, p * rescale, 0.0)
+                if STORE_MASK:  # for the backward, which then reads it instead of drawing it again
+                    tl.store(MASK + (bh.to(tl.int64) * T + rows[:, None]) * row_bytes + start // 8
+                             + tl.arange(0, BLOCK_N // 8)[None, :], pack_keep(keep, BLOCK_M, BLOCK_N),
+                             mask=row_ok[:, None])
             v = tl.load(V + b * sv_b + h * sv_h + cols[:, None] * sv_t + d[None, :], mask=col_ok[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
@@ -77,14 +98,15 @@ if triton is not None:
         tl.store(LSE + bh * T + rows, tl.where(m_i == float("-inf"), 0.0, m_i) + tl.math.log2(l_use), mask=row_ok)
 
     @triton.jit
-    def backward_kv(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, DK, DV, DREL,
+    def backward_kv(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, MASK, DK, DV, DREL,
                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b, sdrel_h,
-                    H, T, sm_scale, threshold, rescale,
+                    H, T, sm_scale, threshold, rescale, row_bytes,
                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-                    E: tl.constexpr):
+                    E: tl.constexpr, STORED_MASK: tl.constexpr, DREL_PER_BATCH: tl.constexpr):
         """A block of keys: their k and v gradients, and the table's along the diagonals the block meets. q, k, v, dO
         and the gradients share one layout. Rows past the end (time) have q = dO = gate = 0 and an infinite
-        log-sum-exp: they add nothing."""
+        log-sum-exp: they add nothing. The table's gradient goes to row h of DREL, or with DREL_PER_BATCH to row
+        b x H + h (fewer programs add to one address), summed over the batch by the caller."""
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         first = tl.program_id(0) * BLOCK_N
@@ -119,7 +141,10 @@ if triton is not None:
             pt = tl.math.exp2(st - lse[None, :])
             dpt = tl.dot(v, dot_)
             if DROPOUT:
-                keep = tl.trans(dropout_keep(seed, bh, rows, first, T, threshold, BLOCK_M, BLOCK_N))
+                if STORED_MASK:
+                    keep = tl.trans(stored_keep(MASK, bh, rows, first, T, row_bytes, BLOCK_M, BLOCK_N))
+                else:
+                    keep = tl.trans(dropout_keep(seed, bh, rows, first, T, threshold, BLOCK_M, BLOCK_N))
                 dv += tl.dot(tl.where(keep, pt * rescale, 0.0).to(v.dtype), tl.trans(dot_))
                 dpt = tl.where(keep, dpt * rescale, 0.0)
             else:
@@ -129,17 +154,18 @@ if triton is not None:
             w = dst * g[None, :]  # the gate-weighted bias gradient, (key, query)
             diagonals = tl.sum(tl.where(on_tile, tl.gather(w, m_of, 1), 0.0), 0)  # sheared: a diagonal per column
             distance = first - start + e - (BLOCK_M - 1)  # j - i on diagonal e
-            tl.atomic_add(DREL + h * sdrel_h + distance + T - 1, diagonals,
+            tl.atomic_add(DREL + (bh if DREL_PER_BATCH else h) * sdrel_h + distance + T - 1, diagonals,
                           mask=(distance > -T) & (distance < T) & (e < BLOCK_M + BLOCK_N - 1), sem="relaxed")
         tl.store(DK + b * sk_b + h * sk_h + cols[:, None] * sk_t + d[None, :], (dk * sm_scale).to(k.dtype),
                  mask=col_ok[:, None])
         tl.store(DV + b * sv_b + h * sv_h + cols[:, None] * sv_t + d[None, :], dv.to(v.dtype), mask=col_ok[:, None])
 
     @triton.jit
-    def backward_q(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, DQ, DG,
+    def backward_q(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, MASK, DQ, DG,
                    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b,
-                   H, T, sm_scale, threshold, rescale,
-                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr):
+                   H, T, sm_scale, threshold, rescale, row_bytes,
+                   HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
+                   STORED_MASK: tl.constexpr):
         """A block of queries: their q gradient and the gate's (dG: float32, the gate's strides)."""
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
@@ -165,7 +191,10 @@ if triton is not None:
             p = tl.math.exp2(tl.dot(q, kt) * qk_scale + g[:, None] * r + kb[None, :] - lse[:, None])
             dp = tl.dot(do, vt)
             if DROPOUT:
-                keep = dropout_keep(seed, bh, rows, start, T, threshold, BLOCK_M, BLOCK_N)
+                if STORED_MASK:
+                    keep = stored_keep(MASK, bh, rows, start, T, row_bytes, BLOCK_M, BLOCK_N)
+                else:
+                    keep = dropout_keep(seed, bh, rows, start, T, threshold, BLOCK_M, BLOCK_N)
                 dp = tl.where(keep, dp * rescale, 0.0)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(q.dtype), tl.trans(kt))
