@@ -439,8 +439,8 @@ def _train(corpus, tmp_path, out, *extra_argv, config=None, pythonpath=(), env=N
     return run(argv, pythonpath=pythonpath, env=env, timeout=900)
 
 
-def _decode(corpus, exp, out, env=None):
-    return run([sys.executable, "-m", "espnet2.bin.asr_inference", "--ngpu", "0",
+def _decode(corpus, exp, out, env=None, ngpu=0):
+    return run([sys.executable, "-m", "espnet2.bin.asr_inference", "--ngpu", str(ngpu),
                 "--asr_train_config", exp / "config.yaml", "--asr_model_file", exp / "1epoch.pth", "--beam_size", "2",
                 "--output_dir", out,
                 "--data_path_and_name_and_type", f"{corpus}/wav.scp,speech,sound"], env=env, timeout=600)
@@ -682,6 +682,22 @@ def test_gpu_relative_position_lean_bias_matches_and_keeps_no_time_by_time_tenso
     stock.dropout_rate = ours.dropout_rate = 0.0
     stock.dropout.p = ours.dropout.p = 0.0
     close(run(stock)[0], run(ours)[0], 1e-4 if dtype == torch.float32 else 5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_beam_search_under_measured_auto_gives_stocks_hypotheses(corpus, tmp_path):
+    """``asr_inference`` on the GPU with ESPNET_FLASHCOMPAT_MODEL_ATTN=auto: the encoder and the decode steps are
+    measured (one token against the cache, against the encoder output), and the hypotheses are stock's."""
+    trained = _train(corpus, tmp_path, "exp")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ours = _decode(corpus, tmp_path / "exp", tmp_path / "ours", env={optin.ENV_VAR: "auto"}, ngpu=1)
+    bare = _decode(corpus, tmp_path / "exp", tmp_path / "bare", env={"ESPNET_FLASHCOMPAT_DISABLE": "1"}, ngpu=1)
+    assert ours.returncode == 0 and bare.returncode == 0, ours.stderr[-3000:] + bare.stderr[-3000:]
+    measured = [line for line in ours.stderr.splitlines() if "model attention: decoder" in line and "measured" in line]
+    assert any("eval, batch <= " in line and " 1 x " in line for line in measured), ours.stderr[-3000:]
+    hyps = {out: (tmp_path / out / "1best_recog" / "text").read_text() for out in ("ours", "bare")}
+    assert hyps["ours"] == hyps["bare"]
 
 
 _GPU_BROKEN = """

@@ -7,7 +7,8 @@ on an A100. Under ``auto`` on CUDA, ``policy.decide`` names each kernel that may
 (``candidates()``), and ``calibrate`` times them like any backend.
 
 ``pinned(name)`` runs a forward on that kernel: at run time first in torch's priority order, the others after it
-(a later batch that it refuses still runs); with ``strict`` (calibration) alone, so that a kernel that refuses the
+(a later batch that it refuses still runs; a kernel switched off with ``torch.backends.cuda.enable_*_sdp`` stays
+off); with ``strict`` (calibration) alone, so that a kernel that refuses the
 batch fails there, with torch's own reason, instead of timing another kernel under its name. The backward runs the
 backward of the kernel its forward ran. The math kernel never contends: it is eager attention inside SDPA. (On CPU
 torch tries its flash kernel, then math, whatever the priority order; ``auto`` calibrates on CUDA only.)
@@ -101,9 +102,20 @@ def pinned(implementation: str, strict: bool = False):
 
     if not strict:
         _settle_torch_order()
-        order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
-        with sdpa_kernel([_backend(k) for k in order], set_priority=True):
+        get, put = (getattr(torch._C, f"_{w}_sdp_priority_order", None) for w in ("get", "set"))
+        if get is None or put is None:  # a torch without them: the public context, which also enables every kernel
+            order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
+            with sdpa_kernel([_backend(k) for k in order], set_priority=True):
+                yield
+            return
+        # The kernel first in torch's own priority order, the kernels' on/off flags left as they are: two calls
+        # into torch instead of sdpa_kernel's dozen (it runs at every attention call of ESPnet's modules)
+        previous, first = get(), int(_backend(kernel))
+        put([first] + [b for b in previous if b != first])
+        try:
             yield
+        finally:
+            put(previous)
         return
     with warnings.catch_warnings(record=True) as caught, sdpa_kernel([_backend(kernel)]):
         warnings.simplefilter("always")  # torch says why a kernel cannot run in UserWarnings: keep them for the error

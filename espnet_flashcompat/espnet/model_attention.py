@@ -43,7 +43,8 @@ class _PolicyAttention:
         policy, site, kind = self._flashcompat_policy, self._flashcompat_site, self._flashcompat_kind
         device = query.device
         dtype = frontend_policy.effective_dtype(device, query.dtype)
-        decision = policy.decision(site, kind, device, dtype, lambda: model_calibration.Call.of(
+        key, mask = _key_and_mask(kind, args, kwargs)
+        decision = policy.decision(site, kind, device, dtype, query, key, mask, lambda: model_calibration.Call.of(
             self, type(self).__bases__[1], query, args, kwargs, lambda *a: _run(self, *a)))
         if self.attn is not None:  # weights an eager call left behind: (batch, head, time1, time2) held for nothing
             self.attn = None
@@ -54,6 +55,14 @@ class _PolicyAttention:
                 return out
             backend = policy.fall_back(site, kind, device, dtype, failure, exc).implementation
         return _attend(self, backend, False, query, *args, **kwargs)
+
+
+def _key_and_mask(kind: str, args, kwargs):
+    """The key and the mask of a call: ESPnet's ``forward(query, key, value, mask)``, relative-position attention's
+    ``forward(query, key, value, pos_emb, mask)``."""
+    at = 2 if kind == SELF else 3  # the mask's place after the query
+    key = args[0] if args else kwargs["key"]
+    return key, args[at] if len(args) > at else kwargs.get("mask")
 
 
 def _flash(module, forward):
@@ -76,10 +85,12 @@ def _attend(module, backend: str, strict: bool, *args, **kwargs):
     """ESPnet's forward on ``backend`` (SDPA, one of its kernels, or eager); relative-position SDPA: ``relpos_sdpa``."""
     plain = sdpa_kernels.backend_of(backend)
     _set_backend(module, plain)
+    forward = relpos_sdpa.forward if module._flashcompat_kind == REL and plain == SDPA else \
+        super(_PolicyAttention, module).forward.__func__
+    if plain == backend:  # no kernel to pin
+        return forward(module, *args, **kwargs)
     with sdpa_kernels.pinned(backend, strict):
-        if module._flashcompat_kind == REL and plain == SDPA:
-            return relpos_sdpa.forward(module, *args, **kwargs)
-        return super(_PolicyAttention, module).forward(*args, **kwargs)
+        return forward(module, *args, **kwargs)
 
 
 def _run(module, backend: str, arguments: Dict[str, object], strict: bool):

@@ -126,20 +126,20 @@ class ModelAttentionPolicy:
             self.report(site, decision)
         return decision
 
-    def decision(self, site: str, kind: str, device, dtype, call: Callable[[], model_calibration.Call]
-                 ) -> AttnDecision:
-        """The decision for a call of ``site``'s modules: the rule's, or under ``auto`` on CUDA the one measured
-        for the call's bucket. ``call()`` gives the call (only where it is measured)."""
+    def decision(self, site: str, kind: str, device, dtype, query, key, mask,
+                 call: Callable[[], model_calibration.Call]) -> AttnDecision:
+        """The decision for a call of ``site``'s modules on ``query``, ``key`` and ``mask``: the rule's, or under
+        ``auto`` on CUDA the one measured for the call's bucket. ``call()`` gives the call, for a bucket's first."""
         decision = self.static(site, kind, device, dtype)
         together = self.request.backend == AUTO and ranks.world_size() > 1 and torch.device(device).type == "cuda"
         if not decision.contenders and not together:
             return decision
-        met = call()
-        anchor = met.mask if met.mask is not None else met.key
-        shapes = (torch.is_grad_enabled(), str(device), str(dtype), met.exact)
+        anchor = mask if mask is not None else key
+        shapes = (torch.is_grad_enabled(), str(device), str(dtype), query.shape[0], query.shape[1], key.shape[1])
         last = self._last.get(site)
         if last is not None and last[0]() is anchor and last[1] == shapes:  # the site's next layer, same batch
             return last[2]
+        met = call()
         bucket = met.bucket(met.ragged())
         site_tuner = self._tuners.get(site)
         if site_tuner is None:
