@@ -28,24 +28,13 @@ from espnet_flashcompat.s3prl import guard
 from espnet_flashcompat.espnet import model_attention, model_policy, optin
 from espnet_flashcompat.attention import relpos_sdpa
 from espnet_flashcompat.attention.policy import FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
+from espnet_models import MODEL, SCRIPT, TOKENS, build, run_script
 from faults import run
 from stacks import only_on
 
 CLASSES = {c.__name__: c for c in espnet_compat.attention_classes()}
 MHA = CLASSES["MultiHeadedAttention"]
 CPU, F32 = torch.device("cpu"), torch.float32
-TOKENS = ["<blank>", "<unk>", "a", "b", "c", "<sos/eos>"]
-# The kind of model most ESPnet ASR recipes train: default (fbank) frontend, E-Branchformer, Transformer decoder.
-MODEL = {
-    "frontend": "default", "frontend_conf": {"n_fft": 128, "hop_length": 64, "n_mels": 20},
-    "encoder": "e_branchformer",
-    "encoder_conf": {"output_size": 32, "attention_heads": 2, "attention_layer_type": "selfattn",
-                     "pos_enc_layer_type": "abs_pos", "cgmlp_linear_units": 64, "linear_units": 64, "num_blocks": 2,
-                     "input_layer": "conv2d", "attention_dropout_rate": 0.1},
-    "decoder": "transformer",
-    "decoder_conf": {"attention_heads": 2, "linear_units": 32, "num_blocks": 1},
-    "model_conf": {"ctc_weight": 0.3},
-}
 ESPNET_FALLBACK = "Flash Attention failed, falling back"
 
 
@@ -122,18 +111,6 @@ def test_task_option_exists_only_when_given(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------- applying it to a model
 
 
-def _build(tmp_path, seed=0, **extra):
-    """A tiny ``MODEL`` built by ESPnet's own (wrapped) ``ASRTask.build_model`` from a parsed YAML."""
-    from espnet2.tasks.asr import ASRTask
-
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    config = tmp_path / f"model{seed}{len(extra)}.yaml"
-    config.write_text(yaml.safe_dump({**MODEL, **extra}))
-    args = ASRTask.get_parser().parse_args(["--config", str(config), "--token_list", str(tmp_path / "tokens.txt")])
-    torch.manual_seed(seed)
-    return ASRTask.build_model(args)
-
-
 def _speech(device="cpu"):
     g = torch.Generator().manual_seed(0)
     return 0.1 * torch.randn(2, 8000, generator=g).to(device), torch.tensor([8000, 5600], device=device)
@@ -144,9 +121,9 @@ def _attention_modules(model):
 
 
 def test_policy_on_a_model_built_by_espnet(tmp_path, caplog):
-    stock = _build(tmp_path).eval()
+    stock = build(tmp_path).eval()
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
-        ours = _build(tmp_path, model_attn_implementation="sdpa").eval()
+        ours = build(tmp_path, model_attn_implementation="sdpa").eval()
     assert model_attention.policy_of(stock) is None
     policy = model_attention.policy_of(ours)
     assert policy.request == optin.Request("sdpa", "config") and policy.modules == {"encoder selfattn": 2, "decoder selfattn": 1, "decoder source selfattn": 1}
@@ -170,7 +147,7 @@ def test_attention_plots_still_get_their_weights(tmp_path):
     """ESPnet plots attention after each epoch (num_att_plot: 3) from module.attn, which SDPA never fills."""
     from espnet2.main_funcs.calculate_all_attentions import calculate_all_attentions
 
-    model = _build(tmp_path, model_attn_implementation="sdpa").eval()
+    model = build(tmp_path, model_attn_implementation="sdpa").eval()
     batch = _asr_batch("cpu")
     weights = calculate_all_attentions(model, batch)
     names = [n for n, m in model.named_modules() if isinstance(m, MHA)]
@@ -367,15 +344,7 @@ def test_doctor_reports_the_opt_in(monkeypatch):
 
 # ------------------------------------------------------------------------------ fresh interpreters (slow)
 
-_PROBE = """
-import hashlib, json, sys, io, torch, yaml
-from espnet2.tasks.asr import ASRTask
-config, tokens = sys.argv[1:3]
-args = ASRTask.get_parser().parse_args(["--config", config, "--token_list", tokens])
-torch.manual_seed(0)
-model = ASRTask.build_model(args).train()
-g = torch.Generator().manual_seed(0)
-speech, lengths = 0.1 * torch.randn(2, 8000, generator=g), torch.tensor([8000, 5600])
+_PROBE = SCRIPT + """
 torch.manual_seed(1)
 out = model.encode(speech, lengths)[0]
 printed = io.StringIO()
@@ -558,7 +527,7 @@ def _dropout_active(module, device):
 @pytest.mark.gpu
 def test_gpu_fp32_never_runs_flash_keeps_dropout_and_gives_no_per_module_warnings(tmp_path, caplog):
     """auto in fp32 on CUDA: SDPA and eager contend (flash-attn runs fp16/bf16 only), each site runs its pick."""
-    model = _build(tmp_path, model_attn_implementation="auto").cuda().train()
+    model = build(tmp_path, model_attn_implementation="auto").cuda().train()
     with caplog.at_level(logging.INFO):
         loss = model(**_asr_batch("cuda"))[0]
         loss.backward()
@@ -612,10 +581,7 @@ def test_gpu_bf16_with_a_healthy_flash_attn_runs_flash(tmp_path, healthy_flash_a
     """flash_attention_2 under bf16 AMP with a working flash-attn: ESPnet's own flash path (varlen on the ragged batch), no module
     falls back, and the encoder agrees with SDPA within bf16 on the valid frames (unit roundoff 2**-8, a few u each:
     3e-2; ESPnet's varlen path outputs zeros on padded frames, its SDPA path attends from them)."""
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump(MODEL))
-    proc = run([sys.executable, "-c", _GPU_FLASH, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
-               pythonpath=healthy_flash_attn)
+    proc = run_script(tmp_path, _GPU_FLASH, pythonpath=healthy_flash_attn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ")[-1])
     assert result["decisions"] == {f"{site} cuda:0 torch.bfloat16": FLASH for site in
@@ -721,10 +687,7 @@ print(json.dumps({" ".join(k): d.implementation for k, d in policy.decisions.ite
 @pytest.mark.gpu
 @pytest.mark.slow
 def test_gpu_broken_flash_attn_names_the_cause_once_and_runs_sdpa(tmp_path, broken_flash_attn):
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**MODEL, optin.OPTION: "auto"}))
-    proc = run([sys.executable, "-c", _GPU_BROKEN, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
-               pythonpath=[broken_flash_attn])
+    proc = run_script(tmp_path, _GPU_BROKEN, {optin.OPTION: "auto"}, pythonpath=[broken_flash_attn])
     assert proc.returncode == 0, proc.stderr[-3000:]
     picks = json.loads(proc.stdout.strip().splitlines()[-1])  # auto measured the backends that run
     assert set(picks) == {f"{site} cuda:0 torch.bfloat16" for site in

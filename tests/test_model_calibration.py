@@ -18,19 +18,9 @@ import yaml
 from espnet_flashcompat.attention import calibrate
 from espnet_flashcompat.attention.policy import AUTO, EAGER, SDPA
 from espnet_flashcompat.espnet import model_attention, model_calibration, model_policy, optin
+from espnet_models import MODEL, SCRIPT, TOKENS, build, run_script
 from faults import run
 
-TOKENS = ["<blank>", "<unk>", "a", "b", "c", "<sos/eos>"]
-MODEL = {
-    "frontend": "default", "frontend_conf": {"n_fft": 128, "hop_length": 64, "n_mels": 20},
-    "encoder": "e_branchformer",
-    "encoder_conf": {"output_size": 32, "attention_heads": 2, "attention_layer_type": "selfattn",
-                     "pos_enc_layer_type": "abs_pos", "cgmlp_linear_units": 64, "linear_units": 64, "num_blocks": 2,
-                     "input_layer": "conv2d", "attention_dropout_rate": 0.1},
-    "decoder": "transformer",
-    "decoder_conf": {"attention_heads": 2, "linear_units": 32, "num_blocks": 2},
-    "model_conf": {"ctc_weight": 0.3},
-}
 CONFORMER = {"encoder": "conformer",
              "encoder_conf": {"output_size": 32, "attention_heads": 2, "linear_units": 64, "num_blocks": 2,
                               "input_layer": "conv2d", "pos_enc_layer_type": "rel_pos",
@@ -58,17 +48,6 @@ def cpu_contenders(monkeypatch):
         return decision
 
     monkeypatch.setattr(model_policy, "decide", contending)
-
-
-def _build(tmp_path, seed=0, **extra):
-    from espnet2.tasks.asr import ASRTask
-
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    config = tmp_path / f"model{seed}{len(extra)}.yaml"
-    config.write_text(yaml.safe_dump({**MODEL, **extra}))
-    args = ASRTask.get_parser().parse_args(["--config", str(config), "--token_list", str(tmp_path / "tokens.txt")])
-    torch.manual_seed(seed)
-    return ASRTask.build_model(args)
 
 
 def _batch(samples=8000):
@@ -101,8 +80,8 @@ def _stock_on(stock, ours):
 
 
 def test_auto_measures_each_site_once_per_bucket_and_runs_its_pick(tmp_path, cpu_contenders, caplog):
-    stock = _build(tmp_path).train()
-    ours = _build(tmp_path, model_attn_implementation="auto").train()
+    stock = build(tmp_path).train()
+    ours = build(tmp_path, model_attn_implementation="auto").train()
     batch = _batch()
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
         loss, grads = _step(ours, batch)
@@ -131,8 +110,8 @@ def test_auto_measures_each_site_once_per_bucket_and_runs_its_pick(tmp_path, cpu
 
 def test_the_decode_step_is_a_bucket_of_its_own_and_decodes_as_stock(tmp_path, cpu_contenders, caplog):
     """Beam search runs the decoder one token at a time against the encoder output: queries of one frame."""
-    stock = _build(tmp_path).eval()
-    ours = _build(tmp_path, model_attn_implementation="auto").eval()
+    stock = build(tmp_path).eval()
+    ours = build(tmp_path, model_attn_implementation="auto").eval()
     batch = _batch()
     with torch.no_grad():
         memory, _ = stock.encode(batch["speech"], batch["speech_lengths"])
@@ -154,7 +133,7 @@ def test_the_decode_step_is_a_bucket_of_its_own_and_decodes_as_stock(tmp_path, c
 
 def test_relative_position_attention_is_timed_on_another_shape_too(tmp_path, cpu_contenders):
     """``calibrate``'s cost of a new shape: the call cut short on both time axes, its relative positions too."""
-    model = _build(tmp_path, model_attn_implementation="auto", **CONFORMER).train()
+    model = build(tmp_path, model_attn_implementation="auto", **CONFORMER).train()
     _step(model, _batch())
     policy = model_attention.policy_of(model)
     site = policy._tuners["encoder rel_selfattn"]
@@ -182,10 +161,10 @@ def test_a_shorter_call_keeps_its_relative_positions_centred():
 
 
 def test_a_later_model_takes_its_picks_from_the_calibration_store(tmp_path, cpu_contenders, caplog):
-    first = _build(tmp_path, model_attn_implementation="auto").train()
+    first = build(tmp_path, model_attn_implementation="auto").train()
     _step(first, _batch())
     picks = {k: d.implementation for k, d in model_attention.policy_of(first).decisions.items()}
-    later = _build(tmp_path, seed=1, model_attn_implementation="auto").train()  # other weights, same sites
+    later = build(tmp_path, seed=1, model_attn_implementation="auto").train()  # other weights, same sites
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
         _step(later, _batch())
     text = caplog.text
@@ -199,17 +178,16 @@ def test_explicit_requests_and_the_cpu_rule_measure_nothing(tmp_path, caplog, mo
     real = calibrate.measure
     monkeypatch.setattr(calibrate, "measure", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
     for request in ("auto", "sdpa", "eager"):  # auto without cpu_contenders: the rule, SDPA on the CPU
-        model = _build(tmp_path, model_attn_implementation=request).train()
+        model = build(tmp_path, model_attn_implementation=request).train()
         _step(model, _batch())
         expected = SDPA if request == AUTO else request
         assert {d.implementation for d in model_attention.policy_of(model).decisions.values()} == {expected}
     assert measured == []
 
 
-_ONE_PROCESS = """
-import json, logging, sys, torch, yaml
+_ONE_PROCESS = SCRIPT + """
+import logging
 logging.basicConfig(level=logging.INFO)
-from espnet2.tasks.asr import ASRTask
 from espnet_flashcompat.espnet import model_attention, model_policy
 decide = model_policy.decide
 def contending(requested, kind, device=None, dtype=None, source="config", strict=False):
@@ -217,13 +195,7 @@ def contending(requested, kind, device=None, dtype=None, source="config", strict
     if requested == "auto" and device is not None:
         d = model_policy.AttnDecision(requested, "sdpa", d.rejected, source, d.context, ("sdpa", "eager"))
     return d
-model_policy.decide = contending
-config, tokens = sys.argv[1:3]
-args = ASRTask.get_parser().parse_args(["--config", config, "--token_list", tokens])
-torch.manual_seed(0)
-model = ASRTask.build_model(args).train()
-g = torch.Generator().manual_seed(0)
-speech, lengths = 0.1 * torch.randn(2, 8000, generator=g), torch.tensor([8000, 5600])
+model_policy.decide = contending  # the policy decides at the first forward: SDPA and eager contend on the CPU
 loss = model(speech, lengths, torch.tensor([[2, 3, 4, 2], [4, 3, 0, 0]]), torch.tensor([4, 2]))[0]
 loss.backward()
 print(json.dumps({" ".join(k): d.implementation for k, d in model_attention.policy_of(model).decisions.items()}))
@@ -233,10 +205,7 @@ print(json.dumps({" ".join(k): d.implementation for k, d in model_attention.poli
 @pytest.mark.slow
 def test_a_later_process_measures_nothing(tmp_path):
     """What a second training run, or a decode job after training, finds: the first process's entries."""
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump({**MODEL, optin.OPTION: "auto"}))
-    procs = [run([sys.executable, "-c", _ONE_PROCESS, tmp_path / "model.yaml", tmp_path / "tokens.txt"])
-             for _ in range(2)]
+    procs = [run_script(tmp_path, _ONE_PROCESS, {optin.OPTION: "auto"}) for _ in range(2)]
     assert all(p.returncode == 0 for p in procs), procs[-1].stderr[-3000:]
     assert procs[0].stderr.count("calibration took") == len(SITES)
     assert "calibration took" not in procs[1].stderr
@@ -286,10 +255,7 @@ def test_gpu_auto_times_flash_sdpas_kernels_and_eager_on_each_site(tmp_path, hea
     takes no mask, is left out with its reason; the pick is one of them."""
     if torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("flash-attn and SDPA's cuDNN kernel need sm_80+")
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
-    (tmp_path / "model.yaml").write_text(yaml.safe_dump(MODEL))
-    proc = run([sys.executable, "-c", _GPU_PICK, tmp_path / "model.yaml", tmp_path / "tokens.txt"],
-               pythonpath=healthy_flash_attn)
+    proc = run_script(tmp_path, _GPU_PICK, pythonpath=healthy_flash_attn)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ")[-1])
     assert set(result["sites"]) == set(SITES)
