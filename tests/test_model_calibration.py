@@ -187,7 +187,7 @@ def test_explicit_requests_and_the_cpu_rule_measure_nothing(tmp_path, caplog, mo
 
 _ONE_PROCESS = SCRIPT + """
 import logging
-logging.basicConfig(level=logging.INFO)
+logging.basicConfig(level=logging.INFO, force=True)  # after the build, which configured logging
 from espnet_flashcompat.espnet import model_attention, model_policy
 decide = model_policy.decide
 def contending(requested, kind, device=None, dtype=None, source="config", strict=False):
