@@ -155,6 +155,8 @@ def test_a_shorter_call_keeps_its_relative_positions_centred():
     short = call.reshaped(2)
     assert short["query"].shape[1] == short["key"].shape[1] == short["mask"].shape[-1] == 6
     assert short["pos_emb"][0, :, 0].tolist() == list(range(-5, 6))
+    step = model_calibration.Call.of(rel, type(rel), x[:, :1], (x, x, positions, mask), {}, None).reshaped(2)
+    assert (step["query"].shape[1], step["key"].shape[1], step["mask"].shape[-1]) == (1, 6, 6)  # a decode step
     legacy = model_calibration.Call.of(rel, type(rel), x, (x, x, positions[:, :10], mask), {}, None).reshaped(1)
     assert legacy["pos_emb"].shape[1] == 8
     assert model_calibration.Call.of(rel, type(rel), x, (x, x, positions[:, :7], mask), {}, None).reshaped(1) is None

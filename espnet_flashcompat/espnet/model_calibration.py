@@ -130,6 +130,7 @@ class Call:
             return [self.run(current[0], args, True) for _ in range(layers)]
 
         shorter = [self.reshaped(k) for k in range(1, len(contenders) + 1)]
-        room = min(self.exact[1:]) > (len(contenders) + 1) * NEW_SHAPE_FRAMES and all(s is not None for s in shorter)
+        # the keys' axis long enough for every contender's cut (a decode step's one query is left as it is)
+        room = self.exact[2] > (len(contenders) + 1) * NEW_SHAPE_FRAMES and all(s is not None for s in shorter)
         reshaped = (lambda k: forward(shorter[k - 1])) if room else None
         return calibrate.measure(forward, tuple(contenders), switch, self.module, self.query.device, reshaped)
