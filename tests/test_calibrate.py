@@ -241,10 +241,10 @@ def test_the_second_look_times_only_the_backends_close_to_the_first_pick():
 
 
 def test_sdpas_flash_kernel_is_not_timed_on_a_ragged_batch():
-    assert sdpa_kernels.shape_rejection("sdpa:flash", ragged=True)
-    assert sdpa_kernels.shape_rejection("sdpa:flash", ragged=False) is None
-    assert sdpa_kernels.shape_rejection("sdpa:cudnn", ragged=True) is None
-    assert sdpa_kernels.shape_rejection("flash_attention_2", ragged=True) is None
+    assert sdpa_kernels.shape_rejection("sdpa:flash", masked=True)
+    assert sdpa_kernels.shape_rejection("sdpa:flash", masked=False) is None
+    assert sdpa_kernels.shape_rejection("sdpa:cudnn", masked=True) is None
+    assert sdpa_kernels.shape_rejection("flash_attention_2", masked=True) is None
 
 
 def test_buckets():

@@ -58,11 +58,12 @@ def candidates(device: Optional[torch.device], dtype: Optional[torch.dtype]) -> 
     return tuple(name(k) for k in KERNELS if enabled[k])
 
 
-def shape_rejection(implementation: str, ragged: bool) -> Optional[str]:
+def shape_rejection(implementation: str, masked: bool) -> Optional[str]:
     """Why ``implementation`` cannot take a batch of this shape, known before running it, or None: SDPA's flash
-    kernel takes no attention mask, and a ragged batch passes one."""
-    if kernel_of(implementation) == "flash" and ragged:
-        return "SDPA's flash kernel takes no attention mask, and a ragged batch has one"
+    kernel takes no attention mask, and a ragged batch passes one (ESPnet's attention passes one to nearly every
+    call: ``masked``)."""
+    if kernel_of(implementation) == "flash" and masked:
+        return "SDPA's flash kernel takes no attention mask, and this batch passes one"
     return None
 
 

@@ -39,7 +39,7 @@ class Tuner:
     def __init__(self, name: str = "s3prl_flashcompat", describe: Callable[[Tuple], str] = calibrate.describe,
                  site: Optional[Dict[str, object]] = None):
         self.name = name  # the log lines' prefix
-        self.describe = describe  # a shape bucket in words; its last field says whether the batch is ragged
+        self.describe = describe  # a shape bucket in words; its last field says whether the batch passes a mask
         self.site = site  # the calibration store key's attention site, where the model's own cannot be read
         self.decisions: Dict[Tuple, AttnDecision] = {}
         self.seen: Dict[Tuple, int] = {}
@@ -85,7 +85,7 @@ class Tuner:
     def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen,
                    share: float = 1.0) -> AttnDecision:
         refused = tuple(Rejection(b, why) for b in decision.contenders
-                        if (why := sdpa_kernels.shape_rejection(b, ragged=shape[-1])))
+                        if (why := sdpa_kernels.shape_rejection(b, masked=shape[-1])))
         contenders = tuple(b for b in decision.contenders if b not in {r.backend for r in refused})
         decision = replace(decision, contenders=contenders, rejected=decision.rejected + refused)
         where = self.describe(shape) + (", first batch" if seen == 1 else f", batch {seen}")
