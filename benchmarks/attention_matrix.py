@@ -128,7 +128,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
     """What the frontend's calibration gives at the ``batch``-th batch of this row's bucket, through the frontend's
     own ``tuner.Tuner`` (the shape check, racing, the second look, the calibration store):
     (decision, {backend: timing or error} of what was timed, wall seconds the tuner took, seconds of warm-ups)."""
-    from espnet_flashcompat.attention import calibrate, sdpa_kernels
+    from espnet_flashcompat.attention import calibrate, frontend_buckets, sdpa_kernels
 
     if not decision.contenders:
         return decision, {}, 0.0, 0.0
@@ -145,7 +145,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
 
     def measure(contenders):  # as the frontend measures: the batch, and once per backend the batch cut short
         timings = calibrate.measure(forward, contenders, switch, model, x.device,
-                                    lambda k: forward(k * calibrate.NEW_SHAPE_CUT))
+                                    lambda k: forward(k * frontend_buckets.NEW_SHAPE_CUT))
         timed.update({b: str(t) for b, t in timings.items()})
         warm[0] += sum(t.warmup_ms for t in timings.values() if isinstance(t, calibrate.Timing)) / 1e3
         return timings
@@ -153,7 +153,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
     lengths = mask.sum(-1) if mask is not None else torch.full((x.shape[0],), x.shape[-1], device=x.device)
     key = (str(x.device), str(x.dtype))  # the frontend's (device, dtype in effect)
     with torch.set_grad_enabled(train):
-        shape = calibrate.bucket(x, lengths)
+        shape = frontend_buckets.bucket(x, lengths)
         tuner.seen[key + (shape,)] = batch - 1  # the tuner counts a bucket's batches; the steps between were run
         start = time.perf_counter()
         picked = tuner.decision(key, decision, shape, False, model, x.device, measure, exact=tuple(x.shape))

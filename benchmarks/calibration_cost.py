@@ -82,7 +82,7 @@ class Run:
 
     def step(self, lengths, train: bool) -> float:
         """One batch of ``lengths`` on the pick; its wall seconds, calibration included."""
-        from espnet_flashcompat.attention import calibrate, sdpa_kernels
+        from espnet_flashcompat.attention import calibrate, frontend_buckets, sdpa_kernels
 
         start = time.perf_counter()
         x, mask = batch(lengths, next(self.model.parameters()).dtype, self.device)
@@ -101,13 +101,13 @@ class Run:
             began = time.perf_counter()
             try:
                 return calibrate.measure(forward, contenders, switch, self.model, x.device,
-                                         lambda k: forward(k * calibrate.NEW_SHAPE_CUT))
+                                         lambda k: forward(k * frontend_buckets.NEW_SHAPE_CUT))
             finally:
                 measured[0] += time.perf_counter() - began
 
         key = (str(x.device), str(x.dtype))
         with torch.set_grad_enabled(train):
-            shape = calibrate.bucket(x, torch.tensor(lengths, device=x.device))
+            shape = frontend_buckets.bucket(x, torch.tensor(lengths, device=x.device))
             began = time.perf_counter()
             picked = self.tuner.decision(key, self.decision, shape, False, self.model, x.device, measure,
                                          exact=tuple(x.shape))
@@ -115,7 +115,7 @@ class Run:
         seen = self.tuner.seen[key + (shape,)]
         stored = seen == 1 and not measured[0] and key + (shape,) in self.tuner.timings
         if measured[0] or stored:
-            self.looks.append((calibrate.describe(shape), seen, "measured" if measured[0] else "store", asked))
+            self.looks.append((frontend_buckets.describe(shape), seen, "measured" if measured[0] else "store", asked))
         self.measured_s += measured[0]
         attention_matrix.set_backend(self.model, picked.implementation)
         began = time.perf_counter()

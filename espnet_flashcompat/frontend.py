@@ -15,7 +15,8 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from espnet2.asr.frontend.s3prl import S3prlFrontend
 
-from espnet_flashcompat.attention import calibrate, policy, ranks, sdpa_kernels, transformers_compat, tuner
+from espnet_flashcompat.attention import (calibrate, frontend_buckets, policy, ranks, sdpa_kernels,
+                                          transformers_compat, tuner)
 from espnet_flashcompat.s3prl.errors import one_line
 from espnet_flashcompat.s3prl.guard import import_s3prl, recovered_faults
 from espnet_flashcompat.s3prl.hub import ResilientHub, close_names
@@ -102,7 +103,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
         together = ranks.world_size() > 1 and device.type == "cuda" and self.attn_request == policy.AUTO \
             and model is not None
         if decision.contenders or together:
-            decision = self._tuner.decision(key, decision, calibrate.bucket(input, input_lengths), together, model,
+            decision = self._tuner.decision(key, decision, frontend_buckets.bucket(input, input_lengths), together, model,
                                             device, lambda contenders: self._measure(contenders, input, input_lengths),
                                             exact=tuple(input.shape))
         policy.apply(self.upstream, decision.implementation)
@@ -117,10 +118,10 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             policy.apply(self.upstream, backend)
 
         def shorter(k):  # the batch cut short: the k-th shape no backend has run here (calibrate.shape_cost)
-            cut = input.shape[1] - k * calibrate.NEW_SHAPE_CUT
+            cut = input.shape[1] - k * frontend_buckets.NEW_SHAPE_CUT
             return self._run(current[0], input[:, :cut], input_lengths.clamp(max=cut), strict=True)
 
-        room = input.shape[1] > (len(contenders) + 1) * calibrate.NEW_SHAPE_CUT
+        room = input.shape[1] > (len(contenders) + 1) * frontend_buckets.NEW_SHAPE_CUT
         return calibrate.measure(lambda: self._run(current[0], input, input_lengths, strict=True), contenders,
                                  switch, self, input.device, shorter if room else None)
 

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from espnet_flashcompat.attention import calibrate, policy, sdpa_kernels
+from espnet_flashcompat.attention import calibrate, frontend_buckets, policy, sdpa_kernels
 from espnet_flashcompat.attention.calibrate import Timing
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 
@@ -250,11 +250,11 @@ def test_sdpas_flash_kernel_is_not_timed_on_a_ragged_batch():
 def test_buckets():
     lengths = torch.tensor([48000, 30000])
     with torch.no_grad():
-        eval_key = calibrate.bucket(torch.zeros(2, 48000), lengths)
-    train_key = calibrate.bucket(torch.zeros(2, 48000), lengths)
+        eval_key = frontend_buckets.bucket(torch.zeros(2, 48000), lengths)
+    train_key = frontend_buckets.bucket(torch.zeros(2, 48000), lengths)
     assert eval_key == (False, 2, 65536, True) and train_key == (True, 2, 65536, True)
-    assert calibrate.bucket(torch.zeros(3, 40000), torch.tensor([40000] * 3)) == (True, 4, 65536, False)
-    assert calibrate.describe(train_key) == "train, batch <= 2, <= 4.096 s at 16 kHz, ragged"
+    assert frontend_buckets.bucket(torch.zeros(3, 40000), torch.tensor([40000] * 3)) == (True, 4, 65536, False)
+    assert frontend_buckets.describe(train_key) == "train, batch <= 2, <= 4.096 s at 16 kHz, ragged"
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@
   device, the dtype and the upstream, and gives a reason for every one it rejects; ``apply()`` switches a model.
 - ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch and keeps the fastest.
 - ``tuner``: when a frontend calibrates (per shape bucket, a first and a second look) and what it reuses instead.
+- ``frontend_buckets``: the shape buckets of a frontend's waveform batches.
 - ``calibration_key``: what a calibration depends on (GPU, driver and library versions, the model's attention, the
   shape bucket, the contenders): the key it is kept under.
 - ``store``: finished calibrations on disk, shared by every process of a machine (or a cluster's shared directory).

@@ -14,7 +14,8 @@ times two frames shorter), right after its warm-up, takes above its runs, less w
 (the rest of the model's work on a new shape). Without ``reshaped``, the warm-up itself, which also holds the
 backend's first use in the process and the allocator's growth (on an H200, 0.7 to 1.4 s for SDPA's memory-efficient
 kernel's first use, 72 ms for a larger batch, neither paid again per shape).
-``bucket()`` names the batch shapes one decision stands for. CUDA only: peak memory is not measurable on CPU.
+The caller names the batch shapes one decision stands for (``frontend_buckets``, ``espnet.model_calibration``).
+CUDA only: peak memory is not measurable on CPU.
 """
 
 import math
@@ -47,9 +48,6 @@ SKIP_SHAPE_COST = 3.0  # ... and a later bucket does not time a backend whose ne
 # Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
 # settled), and two backends within a few percent of each other there may swap places a minute later (measured on an H200 with torch 2.11: docs/benchmarks.md).
 RECHECK_AFTER = 50
-# A batch this many samples shorter has another shape in the attention: two frames of the upstreams' convolutional
-# front ends (320 samples each; S3PRL's own encoders pad to an even frame count, so one frame may not do)
-NEW_SHAPE_CUT = 640
 RECHECK_MARGIN = 0.10  # ... timing again only the backends that came within 10% of the first pick (and fit in memory)
 # Racing: after RACE_AFTER timed runs each, a backend whose every run is slower than every run of the fastest one by
 # more than TIME_NOISE is out of the race (its runs so far are its timing). Were both equally fast, 3 runs of one
@@ -82,20 +80,6 @@ class Timing:
     def __str__(self) -> str:
         built = f" + {shape_cost(self):.0f} ms per new shape" if shape_cost(self) else ""
         return f"{self.backend} {self.ms:.1f} ms / {self.peak_bytes / 2**30:.2f} GiB{built}"
-
-
-def bucket(input: torch.Tensor, lengths: torch.Tensor) -> Tuple:
-    """The shapes one calibration stands for: train or eval, batch size and padded length to the next power
-    of two, and whether the batch is ragged (flash-attn takes another, slower path for padded batches)."""
-    batch, samples = input.shape[0], input.shape[-1]
-    ragged = bool((lengths < samples).any())
-    return (torch.is_grad_enabled(), 2 ** math.ceil(math.log2(batch)), 2 ** math.ceil(math.log2(samples)), ragged)
-
-
-def describe(key: Tuple) -> str:
-    grad, batch, samples, ragged = key
-    return (f"{'train' if grad else 'eval'}, batch <= {batch}, <= {samples / 16000:g} s at 16 kHz"
-            f"{', ragged' if ragged else ''}")
 
 
 def measure(forward: Callable[[], object], backends: Sequence[str], switch: Callable[[str], None],

@@ -39,7 +39,7 @@ class Key:
     site: Tuple[Tuple[str, object], ...]  # sorted (field, value): model, heads, head_dim, layers, dtype, ...
     train: bool
     trainable: int  # parameters of the model the train step differentiates (0 in eval or frozen)
-    bucket: Tuple  # calibrate.bucket() less train/eval: (batch, samples, ragged); () for one decision per mode
+    bucket: Tuple  # frontend_buckets.bucket() less train/eval: (batch, samples, ragged); () for one decision per mode
     contenders: Tuple[str, ...]  # sorted
     format: int = FORMAT
 
@@ -109,7 +109,7 @@ def _native_site(model) -> Dict[str, object]:
 def key_for(model, dtype, bucket: Sequence, contenders: Iterable[str], device=None,
             flash_attn: Optional[str] = None, site: Optional[Mapping[str, object]] = None) -> Optional[Key]:
     """The key of calibrating ``model`` (the HF model) in ``dtype`` (the one in effect) on ``device`` (default: the
-    model's) for ``bucket`` (``calibrate.bucket()``, or ``(train,)`` when one decision stands for every shape)
+    model's) for ``bucket`` (``frontend_buckets.bucket()`` or an ESPnet attention site's, or ``(train,)`` when one decision stands for every shape)
     among ``contenders``. ``flash_attn`` overrides the probed flash-attn state. None (and a warning) if it cannot
     be made: the calibration then runs without the store. ``site``: ``site_of``'s ``fields``."""
     try:

@@ -2,7 +2,7 @@
 attention, ``espnet.model_policy``), per shape bucket.
 
 ``Tuner.decision()`` gives the decision for a batch: the policy's (``static``) when nothing contends; else, per
-shape bucket (``calibrate.bucket``), a calibration at the bucket's first batch and a second look at its
+shape bucket (``frontend_buckets.bucket``), a calibration at the bucket's first batch and a second look at its
 ``calibrate.RECHECK_AFTER``-th that times only the backends that came close (``calibrate.close_contenders``). A
 calibration is taken from the calibration store (``store``) when it holds the key (``calibration_key``), and every
 finished one is written there, so that a later process on the same machine and stack measures nothing; an entry
@@ -25,7 +25,7 @@ import time
 from dataclasses import replace
 from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
-from espnet_flashcompat.attention import calibrate, calibration_key, ranks, sdpa_kernels, store
+from espnet_flashcompat.attention import calibrate, calibration_key, frontend_buckets, ranks, sdpa_kernels, store
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 
 INHERIT_AFTER = 2  # measured buckets of one device, dtype and train or eval that must agree before others inherit
@@ -36,7 +36,7 @@ class Tuner:
     """The calibrations of one frontend (or attention site): decisions, timings and batches seen, per (device, dtype,
     bucket)."""
 
-    def __init__(self, name: str = "s3prl_flashcompat", describe: Callable[[Tuple], str] = calibrate.describe,
+    def __init__(self, name: str = "s3prl_flashcompat", describe: Callable[[Tuple], str] = frontend_buckets.describe,
                  site: Optional[Dict[str, object]] = None):
         self.name = name  # the log lines' prefix
         self.describe = describe  # a shape bucket in words; its last field says whether the batch passes a mask

@@ -20,7 +20,7 @@ import torch
 
 from espnet_flashcompat.attention import calibrate
 
-# A batch this many frames shorter has another shape in the attention (calibrate.NEW_SHAPE_CUT, in frames)
+# A batch this many frames shorter has another shape in the attention (frontend_buckets.NEW_SHAPE_CUT, in frames)
 NEW_SHAPE_FRAMES = 2
 _SIGNATURES: Dict[type, inspect.Signature] = {}
 
