@@ -10,6 +10,7 @@
 #   bash scripts/gpu.sh OUT_DIR kernels [ARGS]              # benchmarks/wavlm_kernels.py (WavLM's attention alone)
 #   bash scripts/gpu.sh OUT_DIR cost [ARGS]                 # benchmarks/calibration_cost.py (fine-tuning, parallel decode)
 #   bash scripts/gpu.sh OUT_DIR native [ARGS]               # benchmarks/native_upstreams.py (S3PRL's HuBERT, wav2vec2)
+#   bash scripts/gpu.sh OUT_DIR overhead [ARGS]             # benchmarks/model_attention_overhead.py on CUDA (per call)
 #
 # The ESPnet stack: ESPNET_FLASHCOMPAT_STACK=current (default: espnet 202611 + espnet-s3prl, from .whl/site) or
 # legacy (espnet 202511 + s3prl 0.4.18, from .whl/site-legacy). The machine's own torch, torchaudio and
@@ -35,7 +36,7 @@
 #   PYTHONPATH=$W/fa:$PYTHONPATH python3 benchmarks/attention_matrix.py --out OUT_DIR ARGS
 # The install is redone whenever the wheels differ from those recorded in $W/installed (another stack, new wheels).
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe|wavlm|kernels|cost|native] [benchmark args]}
+out=${1:?usage: bash scripts/gpu.sh OUT_DIR [all|tests|bench|espnet|probe|wavlm|kernels|cost|native|overhead] [benchmark args]}
 what=${2:-all}
 shift $(( $# < 2 ? $# : 2 ))
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -145,6 +146,11 @@ fi
 if [ "$what" = native ]; then
     stamp "S3PRL's own HuBERT and wav2vec2 under each SDPA kernel -> $out/native_upstreams.{md,json}"
     "$PY" benchmarks/native_upstreams.py --out "$out" "$@" 2>&1 | tee "$out/native.log"
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+if [ "$what" = overhead ]; then
+    stamp "what the model-wide policy adds to each ESPnet attention call -> $out/overhead.log"
+    "$PY" benchmarks/model_attention_overhead.py --device cuda --pin "$@" 2>&1 | tee "$out/overhead.log"
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
 fi
 if [ "$what" = all ] || [ "$what" = bench ]; then

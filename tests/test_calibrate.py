@@ -453,6 +453,29 @@ def test_a_pinned_kernel_runs_alone_and_a_refusal_gives_torchs_reason():
     assert sdpa_kernels.kernel_of("sdpa:cudnn") == "cudnn" and sdpa_kernels.kernel_of("sdpa") is None
 
 
+def test_the_run_time_pin_puts_its_kernel_first_and_gives_torchs_order_back():
+    """The run-time pin (``pinned(name)``) on torch's own priority order: the kernel first inside the block, the
+    others in their order after it, and torch's order back after the block, also after an error and when nested."""
+    from torch.nn.attention import SDPBackend
+
+    order = torch._C._get_sdp_priority_order
+    before = order()
+    with sdpa_kernels.pinned("sdpa:efficient"):
+        inside = order()
+        with sdpa_kernels.pinned("sdpa:math"):
+            assert order()[0] == int(SDPBackend.MATH)
+        assert order() == inside
+    assert inside == [int(SDPBackend.EFFICIENT_ATTENTION)] + [b for b in before if b != inside[0]]
+    assert order() == before
+    with pytest.raises(ZeroDivisionError):
+        with sdpa_kernels.pinned("sdpa:cudnn"):
+            1 / 0
+    assert order() == before
+    with sdpa_kernels.pinned(sdpa_kernels.name(sdpa_kernels.KERNELS[0])), sdpa_kernels.pinned("sdpa"):
+        assert order()[0] == int(SDPBackend.CUDNN_ATTENTION)  # a plain sdpa pins nothing
+    assert order() == before
+
+
 def test_a_refusal_names_the_kernels_own_reason_not_the_pins():
     """torch's warnings when ``sdpa:flash`` alone refuses a ragged batch on the H200 (2026-12-01): the other kernels
     are "runtime disabled" by the pin itself; the reason left is flash's."""

@@ -149,6 +149,8 @@ def test_attention_plots_still_get_their_weights(tmp_path):
 
     model = build(tmp_path, model_attn_implementation="sdpa").eval()
     batch = _asr_batch("cpu")
+    with torch.no_grad():
+        model(**batch)  # on the policy's backend first, as training runs before the plots
     weights = calculate_all_attentions(model, batch)
     names = [n for n, m in model.named_modules() if isinstance(m, MHA)]
     assert len(names) == 4 and all(len(weights[n]) == 2 for n in names)

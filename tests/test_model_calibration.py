@@ -131,6 +131,55 @@ def test_the_decode_step_is_a_bucket_of_its_own_and_decodes_as_stock(tmp_path, c
     torch.testing.assert_close(step, ref_step, rtol=1e-5, atol=1e-6)
 
 
+def test_a_decode_step_decides_each_site_once_not_once_per_layer(tmp_path, cpu_contenders, monkeypatch):
+    """Beam search gives each decoder layer its own slice of the step's mask and expands the encoder output at every
+    step (``BatchBeamSearch``): a site's later layers, and later steps on the same encoder output, take the site's
+    decision without deciding again; another mode (autocast) is decided again."""
+    model = build(tmp_path, model_attn_implementation="auto",
+                  decoder_conf={**MODEL["decoder_conf"], "num_blocks": 3}).eval()
+    decided, policy = [], model_attention.policy_of(model)
+    static = policy.static
+
+    def counted(site, *args):  # every decision that is not the site's latest looks up the rule's first
+        decided.append(site)
+        return static(site, *args)
+
+    monkeypatch.setattr(policy, "static", counted)
+    batch, beam = _batch(), 3
+    with torch.no_grad():
+        memory, _ = model.encode(batch["speech"][:1], batch["speech_lengths"][:1])
+        ys, cache, steps = torch.full((beam, 1), 5), None, []
+        decided.clear()
+        for n in range(1, 5):
+            mask = torch.tril(torch.ones(n, n, dtype=torch.bool)).unsqueeze(0)
+            before = cache
+            logp, cache = model.decoder.forward_one_step(ys, mask, memory.expand(beam, -1, -1), cache=before)
+            ys = torch.cat([ys, logp.argmax(-1, keepdim=True)], dim=1)
+            steps.append(decided[:]), decided.clear()
+        assert steps[0] == ["decoder selfattn", "decoder source selfattn"]
+        assert steps[1:] == [["decoder selfattn"]] * 3  # the same encoder output: the source attention's decision holds
+        model.decoder.forward_one_step(ys[:, :-1], mask, memory.expand(beam, -1, -1), cache=before)
+        assert decided == []  # the last step again, on the same mask: nothing to decide
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.decoder.forward_one_step(ys[:, :-1], mask, memory.expand(beam, -1, -1), cache=before)
+    assert decided == ["decoder selfattn", "decoder source selfattn"]
+    assert ("decoder source selfattn", "cpu", "torch.bfloat16") in policy.decisions
+
+
+def test_padded_keys_are_read_off_a_batchs_mask_and_a_masks_of_one_row_is_not_read():
+    """Padded keys by ESPnet's own test (the last query row); a decode step's causal mask, one for every hypothesis,
+    pads nothing and is not read (on a GPU, reading it waits for the step's kernels): a mask on the meta device,
+    which has no data, shows it."""
+    padded = torch.ones(2, 1, 4, dtype=torch.bool)
+    assert not model_calibration.ragged(padded)
+    padded[1, 0, 3:] = False
+    assert model_calibration.ragged(padded)
+    assert not model_calibration.ragged(None)
+    assert not model_calibration.ragged(torch.ones(1, 4, 4, dtype=torch.bool, device="meta"))
+    with pytest.raises(Exception):  # a batch's own mask is read
+        model_calibration.ragged(torch.ones(2, 4, 4, dtype=torch.bool, device="meta"))
+
+
 def test_relative_position_attention_is_timed_on_another_shape_too(tmp_path, cpu_contenders):
     """``calibrate``'s cost of a new shape: the call cut short on both time axes, its relative positions too."""
     model = build(tmp_path, model_attn_implementation="auto", **CONFORMER).train()

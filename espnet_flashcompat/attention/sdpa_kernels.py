@@ -92,32 +92,52 @@ def _settle_torch_order() -> None:
     _ORDER_SETTLED = True
 
 
-@contextlib.contextmanager
 def pinned(implementation: str, strict: bool = False):
-    """Run the block on ``implementation``'s SDPA kernel (a no-op for any other backend); see the module doc."""
+    """A context that runs its block on ``implementation``'s SDPA kernel (a no-op for any other backend); see the
+    module doc. The run-time pin is an object of two calls into torch: it is entered at every attention call of
+    ESPnet's modules under the model-wide policy."""
     kernel = kernel_of(implementation)
     if kernel is None:
-        yield
-        return
+        return contextlib.nullcontext()
+    if strict:
+        return _alone(implementation, kernel)
+    _settle_torch_order()
+    if _GET is None or _PUT is None:  # a torch without them: the public context, which also enables every kernel
+        from torch.nn.attention import sdpa_kernel
+
+        order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
+        return sdpa_kernel([_backend(k) for k in order], set_priority=True)
+    return _First(int(_backend(kernel)))
+
+
+# torch's own priority order of SDPA's kernels (torch >= 2.5 has both)
+_GET, _PUT = (getattr(torch._C, f"_{w}_sdp_priority_order", None) for w in ("get", "set"))
+
+
+class _First:
+    """The kernel first in torch's own priority order, the kernels' on/off flags left as they are: two calls into
+    torch instead of ``sdpa_kernel``'s dozen."""
+
+    __slots__ = ("first", "previous")
+
+    def __init__(self, first: int):
+        self.first = first
+
+    def __enter__(self):
+        self.previous = previous = _GET()
+        if previous[0] != self.first:
+            _PUT([self.first] + [b for b in previous if b != self.first])
+
+    def __exit__(self, *exc):
+        if self.previous[0] != self.first:
+            _PUT(self.previous)
+
+
+@contextlib.contextmanager
+def _alone(implementation: str, kernel: str):
+    """The kernel alone; where it refuses the call, a RuntimeError with torch's reasons (calibration's pin)."""
     from torch.nn.attention import sdpa_kernel
 
-    if not strict:
-        _settle_torch_order()
-        get, put = (getattr(torch._C, f"_{w}_sdp_priority_order", None) for w in ("get", "set"))
-        if get is None or put is None:  # a torch without them: the public context, which also enables every kernel
-            order = [kernel] + [k for k in KERNELS + ("math",) if k != kernel]
-            with sdpa_kernel([_backend(k) for k in order], set_priority=True):
-                yield
-            return
-        # The kernel first in torch's own priority order, the kernels' on/off flags left as they are: two calls
-        # into torch instead of sdpa_kernel's dozen (it runs at every attention call of ESPnet's modules)
-        previous, first = get(), int(_backend(kernel))
-        put([first] + [b for b in previous if b != first])
-        try:
-            yield
-        finally:
-            put(previous)
-        return
     with warnings.catch_warnings(record=True) as caught, sdpa_kernel([_backend(kernel)]):
         warnings.simplefilter("always")  # torch says why a kernel cannot run in UserWarnings: keep them for the error
         try:

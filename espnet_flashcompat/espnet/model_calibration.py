@@ -2,7 +2,7 @@
 
 A site is the attention modules of one role and kind in a model (``model_policy``: the encoder's self-attention, the
 decoder's self-attention, its source attention); they share one decision per device, dtype and shape bucket
-(``bucket``: train or eval, batch size and both lengths to the next power of two, whether the keys are padded,
+(``bucket()``: train or eval, batch size and both lengths to the next power of two, whether the keys are padded,
 whether a mask is passed). ``Call.measure`` times each contender (``calibrate.measure``) on the call that met the
 bucket first: the module run as many times as the site has modules, on that call's own inputs (detached), forward
 and, when training, the backward into the module's parameters, as a step runs the site's layers; the peak memory
@@ -33,6 +33,18 @@ def describe(bucket: Tuple) -> str:
     grad, batch, time1, time2, ragged, masked = bucket
     mask = ", padded keys" if ragged else "" if masked else ", no mask"
     return f"{'train' if grad else 'eval'}, batch <= {batch}, {time1} x {time2} frames at most{mask}"
+
+
+def ragged(mask: Optional[torch.Tensor]) -> bool:
+    """Whether some keys are padded, by ESPnet's own test (the mask's last query row; a host sync). A mask of one
+    row for the whole batch pads no utterance's keys (a decode step's causal mask): no sync."""
+    return mask is not None and mask.shape[0] > 1 and not bool(mask[:, -1, :].all())
+
+
+def bucket(query: torch.Tensor, key: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple:
+    """A call's shape bucket (see the module doc)."""
+    return (torch.is_grad_enabled(), _pow2(query.shape[0]), _pow2(query.shape[1]), _pow2(key.shape[1]),
+            ragged(mask), mask is not None)
 
 
 def site_fields(module: torch.nn.Module, role: str, kind: str, layers: int) -> Dict[str, object]:
@@ -80,15 +92,6 @@ class Call:
     def exact(self) -> Tuple[int, int, int]:
         """(batch, query length, key length)."""
         return self.query.shape[0], self.query.shape[1], self.key.shape[1]
-
-    def ragged(self) -> bool:
-        """Whether some keys are padded, by ESPnet's own test (the mask's last query row; a host sync)."""
-        mask = self.mask
-        return mask is not None and not bool(mask[:, -1, :].all())
-
-    def bucket(self, ragged: bool) -> Tuple:
-        batch, time1, time2 = self.exact
-        return (torch.is_grad_enabled(), _pow2(batch), _pow2(time1), _pow2(time2), ragged, self.mask is not None)
 
     def detached(self) -> Dict[str, object]:
         """The arguments with every tensor detached: a calibration run builds no graph into the model's."""

@@ -126,36 +126,44 @@ class ModelAttentionPolicy:
             self.report(site, decision)
         return decision
 
-    def decision(self, site: str, kind: str, device, dtype, query, key, mask,
+    def decision(self, site: str, kind: str, module, query, key, mask,
                  call: Callable[[], model_calibration.Call]) -> AttnDecision:
-        """The decision for a call of ``site``'s modules on ``query``, ``key`` and ``mask``: the rule's, or under
-        ``auto`` on CUDA the one measured for the call's bucket. ``call()`` gives the call, for a bucket's first."""
-        decision = self.static(site, kind, device, dtype)
-        together = self.request.backend == AUTO and ranks.world_size() > 1 and torch.device(device).type == "cuda"
-        if not decision.contenders and not together:
-            return decision
+        """The decision for a call of ``module`` (one of ``site``'s) on ``query``, ``key`` and ``mask``: the rule's
+        for the call's device and dtype in effect, or under ``auto`` on CUDA the one measured for the call's bucket.
+        ``call()`` gives the call, for a calibration. The site's next layer in the same step takes the site's latest decision at
+        the cost of a comparison: its mask (else its keys; a view stands for the tensor it views: beam search hands
+        each decoder layer its own slice of one mask) and every shape and mode the decision depends on are those
+        of the latest call."""
         anchor = mask if mask is not None else key
-        shapes = (torch.is_grad_enabled(), str(device), str(dtype), query.shape[0], query.shape[1], key.shape[1])
+        anchor = anchor if anchor._base is None else anchor._base
+        state = (query.dtype, torch.is_grad_enabled(), torch._C._is_any_autocast_enabled(), query.shape, key.shape)
         last = self._last.get(site)
-        if last is not None and last[0]() is anchor and last[1] == shapes:  # the site's next layer, same batch
+        if last is not None and last[0]() is anchor and last[1] == state:
             return last[2]
-        met = call()
-        bucket = met.bucket(met.ragged())
-        site_tuner = self._tuners.get(site)
-        if site_tuner is None:
-            site_tuner = self._tuners[site] = tuner.Tuner(f"{PREFIX}: {site}", model_calibration.describe,
-                                                          self.fields.get(site))
-        layers = self.modules.get(site, 1)
-        decision = site_tuner.decision((str(device), str(dtype)), decision, bucket, together, met.module,
-                                       torch.device(device), lambda contenders: met.measure(contenders, layers),
-                                       exact=met.exact)
-        self.decisions[(site, str(device), str(dtype))] = decision
-        self._last[site] = (weakref.ref(anchor), shapes, decision)
+        device = query.device
+        dtype = frontend_policy.effective_dtype(device, query.dtype)
+        decision = self.static(site, kind, device, dtype)
+        together = self.request.backend == AUTO and ranks.world_size() > 1 and device.type == "cuda"
+        if decision.contenders or together:
+            site_tuner = self._tuners.get(site)
+            if site_tuner is None:
+                site_tuner = self._tuners[site] = tuner.Tuner(f"{PREFIX}: {site}", model_calibration.describe,
+                                                              self.fields.get(site))
+            layers = self.modules.get(site, 1)
+            decision = site_tuner.decision(
+                (str(device), str(dtype)), decision, model_calibration.bucket(query, key, mask), together, module,
+                device, lambda contenders: call().measure(contenders, layers),
+                exact=(query.shape[0], query.shape[1], key.shape[1]))
+            self.decisions[(site, str(device), str(dtype))] = decision
+        self._last[site] = (weakref.ref(anchor), state, decision)
         return decision
 
-    def fall_back(self, site: str, kind: str, device, dtype, failure: str,
+    def fall_back(self, site: str, kind: str, query, failure: str,
                   exc: Optional[BaseException] = None) -> AttnDecision:
-        """flash-attn failed at run time on (device, dtype): no site runs or times it there again; one warning."""
+        """flash-attn failed at run time on ``query``'s device and dtype in effect: no site runs or times it there
+        again; one warning."""
+        device = query.device
+        dtype = frontend_policy.effective_dtype(device, query.dtype)
         if self.request.strict:
             raise AttentionUnavailableError(f"strict: flash_attention_2 failed at run time on {device} "
                                             f"{str(dtype).replace('torch.', '')}: {failure}") from exc
