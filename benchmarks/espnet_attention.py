@@ -9,8 +9,8 @@ CTC on top, built with the stock arguments of the LibriSpeech-100 recipes (conv2
 launch-bound. Inputs: 30 s of 80-dim features (3000 frames), ``full`` (every utterance 30 s) or ``ragged`` (30 s
 down to 9 s, padded), random targets of 150 tokens out of 500. A step: zero_grad, forward, CTC loss, backward, Adam.
 ``--decode`` adds ESPnet's ``TransformerDecoder`` (6 blocks, the largest size's width) as beam search runs it:
-``forward_one_step`` with its cache, 10 hypotheses against one utterance's encoder output (750 frames), 60 tokens
-one at a time; a cell is the whole loop.
+``forward_one_step`` with its cache, 10 hypotheses against one utterance's encoder output (750 frames, ``expand``-ed
+at every step as ``BatchBeamSearch`` does), 60 tokens one at a time; a cell is the whole loop.
 
 Columns: ``stock`` is the model as ESPnet builds it (on a GPU whose name ESPnet's list knows, with flash-attn
 importable, ``use_flash_attn`` is on: in fp32 each module then fails once, logs, and runs eager without attention
@@ -254,12 +254,12 @@ def train_job(encoder, size_name, size, ragged, bf16, device) -> dict:
 def decode_job(size_name, size, bf16, device, steps=DECODE_STEPS, beam=DECODE_BEAM) -> dict:
     """ESPnet's Transformer decoder as beam search runs it: one token at a time (``forward_one_step`` with its
     cache), ``beam`` hypotheses against one utterance's encoder output (30 s: 750 frames after the 4x
-    subsampling), ``steps`` tokens; one cell times the whole loop."""
+    subsampling, expanded to the beam at every step), ``steps`` tokens; one cell times the whole loop."""
     from espnet2.asr.decoder.transformer_decoder import TransformerDecoder
 
     frames = size.get("frames", FRAMES) // 4
     g = torch.Generator().manual_seed(0)
-    memory = torch.randn(beam, frames, size["output_size"], generator=g).to(device)
+    memory = torch.randn(1, frames, size["output_size"], generator=g).to(device)
     tokens = torch.randint(1, VOCAB - 1, (beam, steps), generator=g).to(device)
 
     def make(variant):
@@ -274,7 +274,7 @@ def decode_job(size_name, size, bf16, device, steps=DECODE_STEPS, beam=DECODE_BE
             with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
                 for n in range(1, steps + 1):
                     mask = torch.tril(torch.ones(n, n, dtype=torch.bool, device=device)).unsqueeze(0)
-                    _, cache = model.forward_one_step(tokens[:, :n], mask, memory, cache=cache)
+                    _, cache = model.forward_one_step(tokens[:, :n], mask, memory.expand(beam, -1, -1), cache=cache)
             return cache
         return loop, model
 

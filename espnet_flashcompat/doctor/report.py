@@ -4,78 +4,8 @@
 the attention ``policy`` and ``model_attention``) and writes down their answers; it decides nothing of its own.
 ``text.render()`` turns the report into the human table.
 
-Exit codes (also ``report["exit_code"]``), from the findings' levels:
-
-- **2 broken**, any ``error``: the frontend cannot be built in this environment. S3PRL is unusable (``guard.import_s3prl()``
-  raises: s3prl, transformers or torch missing, or an unrecoverable import fault); ESPnet is not installed;
-  ``espnet_flashcompat.frontend`` cannot be imported; no installed ESPnet task offers ``s3prl_flashcompat``;
-  ``ESPNET_FLASHCOMPAT_ATTN`` holds an invalid value; or the upstream named with ``--upstream`` cannot be
-  imported (or is not an S3PRL upstream). Without ``--upstream`` the report checks ``hf_wav2vec2_custom``
-  and only warns about it.
-- **1 degraded**, any ``degraded`` (and no error): a fallback is in force. flash-attn is installed but
-  cannot be imported (``guard.probe_flash_attn()`` or ``import_s3prl()`` met it broken): the guard hides it
-  and HF upstreams run on SDPA/eager instead.
-- **0 healthy**: nothing a run depends on is broken. ``warning`` findings do not change the code: optional
-  upstreams that cannot be imported (``byol_s`` and ``mos_prediction`` on torchaudio >= 2.9), the startup
-  hook missing, stale, failed or disabled, a task module without ``s3prl_flashcompat``, an
-  ``ESPNET_FLASHCOMPAT_ATTN`` override, transformers not seeing a working flash-attn.
-
-A missing flash-attn is healthy: SDPA needs none. ``quick=True`` (``--quick``) skips the two slow checks,
-importing every upstream package (``hub.probe()``: tens of seconds, ``espnet_hubert`` imports ESPnet) and
-importing every ESPnet task module; it still imports S3PRL, the ``--upstream`` one and the tiny HF model.
-
-JSON schema, version 2 (``--json``; keys are only ever added within a schema version). A *diagnosis* is
-``guard.Diagnosis.as_dict()``: ``{kind, error, where, module, attribute, upstream, path, hint}``::
-
-    schema_version   2  (2: espnet.tasks is keyed by module name; espnet.frontend and s3prl.distribution added)
-    status           "healthy" | "degraded" | "broken"
-    exit_code        0 | 1 | 2
-    mode             "full" | "quick"
-    package          {version, path}                      espnet-flashcompat itself
-    python           {version, executable}
-    torch            {version, cuda_build, cuda_available, error}
-    devices          [{device, name, capability, backends, auto, auto_contenders}]
-                     device "cpu" or "cuda:N"; capability "8.0" or null; each judged in bfloat16 on the tiny
-                     HF model by policy.decide: backends = {flash_attention_2|sdpa|eager: {ok, reason}},
-                     auto = what attn_implementation auto picks there (null when no decision could be made);
-                     auto_contenders = the backends it times on the first batches there ([] when it need not)
-    flash_attn       {installed, version, location, importable, error: diagnosis|null,
-                      transformers_believes_available: bool|null}   (read before probing)
-    transformers     {version}
-    s3prl            {distribution, version, usable, error: diagnosis|null, recovered: [diagnosis]  (guard.recovered_faults(), less
-                      the flash probe's own, which is flash_attn.error: each fault is listed once),
-                      upstream: {name, package, ok, error: diagnosis|null}|null,   the --upstream one
-                      upstreams: {probed, ok: [package], failed: {package: diagnosis}}}
-                      (quick mode: probed false, only the packages imported so far; upstream and
-                      upstreams stay null/empty when S3PRL is unusable)
-    espnet           {version, installed,
-                      frontend: {importable, error},   espnet_flashcompat.frontend imports (else "broken")
-                      tasks: {module: "registered"|"missing"|"no-s3prl"|"unchecked"|"error"},
-                      task_errors: {module: message}}
-                     every module under espnet2.tasks and espnet3 that mentions frontend_choices, imported:
-                     registered/missing: its choices offer S3prlFrontend as s3prl, with/without s3prl_flashcompat
-                     after registry.register(); no-s3prl: they offer no S3PRL; error: its import failed;
-                     unchecked (--quick): not imported, registered when it is imported
-    startup_hook     registry.hook_state(), taken before doctor calls registry.register()
-    attention        {env_override, env_error, decided_on: "cuda:0 bfloat16"|null, implementation: str|null,
-                      contenders: [str]}
-                     implementation: what auto picks on the GPU of highest compute capability, else the CPU;
-                     contenders: what auto times there (then the recommended YAML keeps auto);
-                     wavlm: {auto: "wavlm-lean", paths: {device: "fused-kernel"|"efficient-kernel"|"sdpa-with-bias"},
-                     triton: null|why not} what S3PRL's own WavLM runs (fused kernels, bias rebuilt for the
-                     backward, or kept), or {error}
-    recommended      {frontend, frontend_conf, yaml}     frontend_conf as the YAML nests it
-    model_attention  model_attention.doctor_state(): the opt-in model-wide policy for ESPnet's own attention
-                     {env, env_error, option, strict_env, opted_in_by_env, requested, tasks_wrapped,
-                      decisions: [{device, dtype,
-                                   selfattn|rel_selfattn: {implementation, contenders: [backend],
-                                                           rejected: {backend: reason}}}]}
-                     contenders: what auto times on that device (CUDA), empty where the rule decides
-                     requested: ESPNET_FLASHCOMPAT_MODEL_ATTN's value, else auto (what the YAML opt-in would ask);
-                     or {error} when it cannot be asked (torch missing)
-    calibration_store {location: str|null (null: off), env, entries, this_stack, clear}: where auto keeps its
-                     calibrations; this_stack: the entries a run on this environment's GPUs would reuse
-    findings         [{level: "error"|"degraded"|"warning", topic, message, fix}]
+Its exit codes and its JSON schema (``SCHEMA_VERSION``): ``docs/doctor.md``, which every change to the report
+keeps in step.
 """
 
 import importlib
