@@ -421,6 +421,7 @@ def main(argv=None):
     parser.add_argument("--broken-flash", type=Path, help="a broken flash-attn directory: run the table again with it")
     parser.add_argument("--curves", type=int, default=0, help="train N steps of stock and auto, print the losses")
     parser.add_argument("--curves-precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--log-level", default="WARNING", help="what the log shows (INFO: every calibration)")
     parser.add_argument("--row", type=int, help=argparse.SUPPRESS)  # a child process: this row alone
     parser.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)  # ... written here
     args = parser.parse_args(argv)
@@ -428,9 +429,9 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.forwarded = ["--device", args.device, "--repeat", str(args.repeat), "--warmup", str(args.warmup),
                       "--encoders", *args.encoders, "--sizes", *args.sizes] + ["--tiny"] * args.tiny \
-        + ["--decode"] * args.decode
+        + ["--decode"] * args.decode + ["--log-level", args.log_level]
     handler = logging.StreamHandler()
-    handler.setLevel(logging.WARNING)  # the policy's INFO lines go to _Calibrations only
+    handler.setLevel(args.log_level)  # by default the policy's INFO lines go to _Calibrations only
     handler.addFilter(_Counter())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(levelname)s %(name)s: %(message)s")
     device = torch.device(args.device)

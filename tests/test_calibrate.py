@@ -121,6 +121,22 @@ def _measure(monkeypatch, cost):
     return timings, clock.calls
 
 
+def test_the_memory_cap_counts_what_the_step_holds(monkeypatch):
+    """Where the timed forward is a part of a step (ESPnet's attention sites), ``held``, what the step holds whichever
+    backend runs, is added to every peak: a backend that keeps 2.5x the attention's memory but 1.09x the step's is
+    not refused. (On CPU the forward's own peak is not measured: what is held is all there is.)"""
+    clock = _Clock(lambda b, n: 10.0 if b == "sdpa" else 9.0)
+    monkeypatch.setattr(calibrate, "time", clock)
+    with torch.no_grad():
+        timings = calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch,
+                                    torch.nn.Linear(1, 1), torch.device("cpu"), held=3 * GIB)
+    assert {t.peak_bytes for t in timings.values()} == {3 * GIB}
+    assert _pick(flash_attention_2=(9.0, GIB // 2), sdpa=(10.0, GIB // 5)).implementation == "sdpa"
+    held = 3 * GIB
+    assert _pick(flash_attention_2=(9.0, held + GIB // 2), sdpa=(10.0, held + GIB // 5)).implementation == \
+        "flash_attention_2"
+
+
 def test_a_backend_that_stalls_now_and_then_pays_for_it(monkeypatch):
     """"flash" is faster in most runs but stalls in every third one, the way flash-attn's padded path waits on
     the host. Its median would win; its mean, what training pays, loses, and its unsteadiness shows: it is timed

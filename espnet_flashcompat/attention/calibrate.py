@@ -84,10 +84,11 @@ class Timing:
 
 def measure(forward: Callable[[], object], backends: Sequence[str], switch: Callable[[str], None],
             module: torch.nn.Module, device: torch.device,
-            reshaped: Optional[Callable[[int], object]] = None) -> Dict[str, Union[Timing, str]]:
+            reshaped: Optional[Callable[[int], object]] = None, held: int = 0) -> Dict[str, Union[Timing, str]]:
     """Backend -> its Timing on ``forward()``, or the error it raised (an out-of-memory, a kernel limit);
     ``reshaped(k)``: the same forward on a batch of the k-th other shape, run once per backend (each its own k) after
-    its warm-up."""
+    its warm-up. ``held``: bytes the step holds besides what ``forward`` keeps, whichever backend runs, added to each
+    peak, so that the memory cap compares what the step would hold (where ``forward`` is a part of the step)."""
     trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     times: Dict[str, list] = {b: [] for b in backends}
@@ -120,7 +121,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                         times[backend].append(ms)
                     else:
                         warmups[backend] = ms
-                    peaks[backend] = max(peaks[backend], peak)
+                    peaks[backend] = max(peaks[backend], held + peak)
     finally:
         with torch.no_grad():
             for name, b in module.named_buffers():

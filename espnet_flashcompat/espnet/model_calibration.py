@@ -6,7 +6,11 @@ decoder's self-attention, its source attention); they share one decision per dev
 whether a mask is passed). ``Call.measure`` times each contender (``calibrate.measure``) on the call that met the
 bucket first: the module run as many times as the site has modules, on that call's own inputs (detached), forward
 and, when training, the backward into the module's parameters, as a step runs the site's layers; the peak memory
-thus counts what those layers keep for the backward. ``Call.reshaped(k)`` is the same call 2k frames shorter on
+thus counts what those layers keep for the backward, on top of what the step holds when the call arrives (its
+parameters, optimizer state and the activations kept so far): the memory cap is the step's, not the attention's
+alone. (The attention's own memory can differ by far more than the step's: ESPnet's flash path unpads a ragged
+batch, SDPA does not, and the step's peaks differed by 2%: E-Branchformer ls100, bf16, 8 ragged utterances, H200,
+2026-12-05: 3,320 MiB with flash-attn, 3,393 MiB with SDPA.) ``Call.reshaped(k)`` is the same call 2k frames shorter on
 both time axes, for ``calibrate``'s cost of a new shape (cuDNN's attention builds a graph per length).
 ``site_fields`` is what the calibration store keys a site on (``calibration_key.site_of``).
 """
@@ -136,4 +140,6 @@ class Call:
         # the keys' axis long enough for every contender's cut (a decode step's one query is left as it is)
         room = self.exact[2] > (len(contenders) + 1) * NEW_SHAPE_FRAMES and all(s is not None for s in shorter)
         reshaped = (lambda k: forward(shorter[k - 1])) if room else None
-        return calibrate.measure(forward, tuple(contenders), switch, self.module, self.query.device, reshaped)
+        device = self.query.device
+        held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        return calibrate.measure(forward, tuple(contenders), switch, self.module, device, reshaped, held)
