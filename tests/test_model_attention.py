@@ -224,6 +224,32 @@ def test_flash_failing_at_run_time_keeps_dropout_and_reruns_on_sdpa(caplog):
     assert torch.equal(stock_first, _run_stack(stock, x, mask))  # no attention dropout left in training
 
 
+def test_a_call_without_a_mask_never_takes_espnets_flash_path(caplog):
+    """Beam search's source attention passes no mask, and ESPnet's flash path reads the keys' padding from the mask:
+    such calls run SDPA, said once, without counting as flash-attn failing (calls with a mask keep flash); under
+    ``strict`` an explicit flash request refuses them."""
+    stack = _flash_built_stack().eval()
+    reference = copy.deepcopy(stack)  # ESPnet's own SDPA path, for the same weights
+    for module in reference:
+        module.use_flash_attn, module.use_sdpa = False, True
+    policy = model_attention.apply(stack, optin.Request(FLASH, "config"), _ForcedFlash(optin.Request(FLASH, "config")))
+    x, _ = _batch()
+    with caplog.at_level(logging.INFO), torch.no_grad():
+        out, again = _run_stack(stack, x, None), _run_stack(stack, x, None)
+        expected = _run_stack(reference, x, None)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+    assert not policy._failed and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert caplog.text.count(model_policy.MASKLESS) == 1
+    assert all(m.use_sdpa and not m.use_flash_attn for m in stack)
+    assert policy.static("encoder selfattn", "selfattn", x.device, x.dtype).implementation == FLASH  # masked calls
+    strict, request = _flash_built_stack().eval(), optin.Request(FLASH, "config", strict=True)
+    model_attention.apply(strict, request, _ForcedFlash(request))
+    with pytest.raises(AttentionUnavailableError, match="strict: encoder selfattn flash_attention_2: ESPnet's flash"):
+        with torch.no_grad():
+            _run_stack(strict, x, None)
+
+
 def test_strict_refuses_a_flash_failure_at_run_time():
     stack = _flash_built_stack()
     request = optin.Request(FLASH, "config", strict=True)

@@ -7,8 +7,9 @@ the encoder's self-attention, the decoder's self-attention and the decoder's sou
 flash-attn runs only where it really imports, on CUDA sm_80+ and in fp16/bf16 (``policy.flash_rejection``, shared
 with the frontend's policy), and only for ``selfattn`` (relative-position attention has no flash path); SDPA
 everywhere else; eager when asked for. An explicit request is honoured when it passes, else downgraded along
-flash_attention_2, sdpa, eager (one warning), or refused under ``strict``. ``auto`` off CUDA is the rule: the first
-that passes. ``auto`` on CUDA is measured, as the frontend's: every backend that passes contends (SDPA's kernels one
+flash_attention_2, sdpa, eager (one warning), or refused under ``strict``; a call without a mask (beam search's
+source attention) never takes ESPnet's flash path, which cannot run it (``MASKLESS``). ``auto`` off CUDA is the
+rule: the first that passes. ``auto`` on CUDA is measured, as the frontend's: every backend that passes contends (SDPA's kernels one
 by one where more than one may run, ``sdpa_kernels``; relative-position attention runs SDPA through
 ``relpos_sdpa``, whose memory-efficient kernel is called directly), and a ``tuner.Tuner`` per site times them on
 the site's real calls, per shape bucket (``model_calibration``), keeps the fastest within the memory cap, keeps it in
@@ -38,6 +39,9 @@ _ORDER = (FLASH, SDPA, EAGER)
 FIX = ("flash-attn runs on CUDA sm_80+ in fp16/bf16 (ESPnet: use_amp: true); set model_attn_implementation: sdpa "
        "to skip it; see `espnet-flashcompat doctor`")
 PREFIX = "espnet-flashcompat: model attention"
+# ESPnet's flash path reads the keys' padding off the mask's last row (``mask[:, -1, :]``): a call without a mask (the
+# source attention of beam search's decode steps) fails there with a TypeError, which is no fault of flash-attn's
+MASKLESS = "ESPnet's flash path reads the keys' padding from the mask, and this call passes none"
 
 
 def describe(decision: AttnDecision) -> str:
@@ -101,6 +105,7 @@ class ModelAttentionPolicy:
         self._failed: Dict[Tuple[str, str], Rejection] = {}  # (device, dtype) -> flash-attn's run-time failure
         self._tuners: Dict[str, tuner.Tuner] = {}
         self._last: Dict[str, tuple] = {}  # site -> (mask or key, shapes, decision) of its latest call
+        self._maskless_decisions: Dict[Tuple[str, str], AttnDecision] = {}  # (site, context) -> without flash
         self._warned = set()
 
     def rule(self, kind: str, device=None, dtype=None) -> AttnDecision:
@@ -143,6 +148,8 @@ class ModelAttentionPolicy:
         device = query.device
         dtype = frontend_policy.effective_dtype(device, query.dtype)
         decision = self.static(site, kind, device, dtype)
+        if mask is None and (decision.implementation == FLASH or FLASH in decision.contenders):
+            decision = self._maskless(site, decision)
         together = self.request.backend == AUTO and ranks.world_size() > 1 and device.type == "cuda"
         if decision.contenders or together:
             site_tuner = self._tuners.get(site)
@@ -158,6 +165,22 @@ class ModelAttentionPolicy:
         self._last[site] = (weakref.ref(anchor), state, decision)
         return decision
 
+    def _maskless(self, site: str, decision: AttnDecision) -> AttnDecision:
+        """``decision`` for a call without a mask: flash-attn's path left out (``MASKLESS``), reported once;
+        refused under ``strict``."""
+        key = (site, decision.context)
+        maskless = self._maskless_decisions.get(key)
+        if maskless is None:
+            if self.request.strict and decision.requested == FLASH:
+                raise AttentionUnavailableError(f"strict: {site} flash_attention_2: {MASKLESS}")
+            contenders = tuple(b for b in decision.contenders if b != FLASH)
+            implementation = SDPA if decision.implementation == FLASH else decision.implementation
+            maskless = self._maskless_decisions[key] = replace(
+                decision, implementation=implementation, contenders=contenders if len(contenders) > 1 else (),
+                rejected=decision.rejected + (Rejection(FLASH, MASKLESS),))
+            logger.info("%s: %s, calls without a mask: %s", PREFIX, site, describe(maskless))
+        return maskless
+
     def fall_back(self, site: str, kind: str, query, failure: str,
                   exc: Optional[BaseException] = None) -> AttnDecision:
         """flash-attn failed at run time on ``query``'s device and dtype in effect: no site runs or times it there
@@ -170,6 +193,7 @@ class ModelAttentionPolicy:
         self._failed[(str(device), str(dtype))] = Rejection(FLASH, failure)
         for key in [k for k in self._static if k[1:] == (str(device), str(dtype))]:
             del self._static[key]
+        self._maskless_decisions.clear()
         for site_tuner in self._tuners.values():
             site_tuner.forget((str(device), str(dtype)))
         self._last.clear()
