@@ -7,10 +7,11 @@ whether a mask is passed). ``Call.measure`` times each contender (``calibrate.me
 bucket first: the module run as many times as the site has modules, on that call's own inputs (detached), forward
 and, when training, the backward into the module's parameters, as a step runs the site's layers; the peak memory
 thus counts what those layers keep for the backward, on top of what the step holds when the call arrives (its
-parameters, optimizer state and the activations kept so far): the memory cap is the step's, not the attention's
-alone. (The attention's own memory can differ by far more than the step's: ESPnet's flash path unpads a ragged
-batch, SDPA does not, and the step's peaks differed by 2%: E-Branchformer ls100, bf16, 8 ragged utterances, H200,
-2026-12-05: 3,320 MiB with flash-attn, 3,393 MiB with SDPA.) ``Call.reshaped(k)`` is the same call 2k frames shorter on
+parameters, optimizer state and the activations kept so far), so that the memory cap leans towards the step's.
+That is not yet enough: the attention's own memory can differ by far more than the step's (ESPnet's flash path
+unpads a ragged batch, SDPA does not), and at the first layer's call the step holds a small part of its peak
+(E-Branchformer ls100, bf16, 8 ragged utterances, H200, 2026-12-05: the memory-efficient kernel 1.11x flash-attn's
+peak in the calibration, and left out, at half its time; the steps' peaks 3,393 and 3,320 MiB). ``Call.reshaped(k)`` is the same call 2k frames shorter on
 both time axes, for ``calibrate``'s cost of a new shape (cuDNN's attention builds a graph per length).
 ``site_fields`` is what the calibration store keys a site on (``calibration_key.site_of``).
 """
