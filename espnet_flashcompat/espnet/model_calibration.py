@@ -90,10 +90,6 @@ class Call:
         return self.arguments["key"]
 
     @property
-    def mask(self) -> Optional[torch.Tensor]:
-        return self.arguments.get("mask")
-
-    @property
     def exact(self) -> Tuple[int, int, int]:
         """(batch, query length, key length)."""
         return self.query.shape[0], self.query.shape[1], self.key.shape[1]
