@@ -173,7 +173,7 @@ def table(rows, device) -> str:
             parts = [f"{model}, 8 x {seconds:g} s"]
             for mode in ("fine-tune", "frozen"):
                 try:
-                    s, f, l = (cell(model, seconds, precision, mode, v) for v in ("stock", "no bias", "lean"))
+                    s, f, l = [cell(model, seconds, precision, mode, v) for v in ("stock", "no bias", "lean")]
                 except StopIteration:
                     parts += ["-"] * 4
                     continue
@@ -185,6 +185,9 @@ def table(rows, device) -> str:
             lines.append("| " + " | ".join(parts) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+FUSED_VARIANTS = ("STORE_KEEP_MASK", "ROTATE_TILES", "FLAT_TILES")
 
 
 def main():
@@ -199,11 +202,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny model, 1 s, one step")
-    parser.add_argument("--fused-variant", nargs="*", default=[], choices=["STORE_KEEP_MASK", "DREL_PER_BATCH"],
-                        help="turn on these variants of the fused backward (attention/wavlm_fused.py)")
+    parser.add_argument("--fused-off", nargs="*", default=[], choices=FUSED_VARIANTS,
+                        help="turn these variants of the fused backward off (attention/wavlm_fused.py)")
     args = parser.parse_args()
-    for flag in args.fused_variant:
-        setattr(wavlm_fused, flag, True)
+    for flag in args.fused_off:
+        setattr(wavlm_fused, flag, False)
     if args.tiny:
         args.models, args.seconds, args.warmup, args.repeat = ["tiny"], [1.0], 0, 1
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -21,12 +21,14 @@ fine-tuning call (forward and backward, dropout 0.1), its first frozen call, and
 other class; the second process finds the first one's kernels on disk.
 
 ``--sweep`` times the fused kernels' tile sizes and warps instead (the forward's frozen, the backward's in fine-tune
-mode, on the first ``--frames``). ``--variants`` times the fused backward's two variants (the forward stores the
-dropout mask for the backward; the table's gradient added per utterance), alone and together, against the default,
-fine-tuning, on every ``--frames``.
+mode, on the first ``--frames``). ``--variants`` times the fused backward's variants (``wavlm_fused``: the stored
+dropout mask, the tiles turned instead of sheared, the flat tiles' one sum) against none of them, each alone and all
+together, fine-tuning, on every ``--frames``. The fused rows give the kernels the runs of distances that share
+WavLM large's last buckets (320 buckets, 800 frames' reach: from 778 frames on), as the model does.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import logging
@@ -73,7 +75,25 @@ def no_bias(q, k, v, gate, rel, pad, p):
     return F.scaled_dot_product_attention(q, k, v, ~pad, dropout_p=p)
 
 
-ROWS = {"stock": stock, "efficient": efficient, "fused": wavlm_fused.attend, "no bias": no_bias}
+@functools.lru_cache(maxsize=None)
+def flat_ends(frames: int):
+    """The distances that share WavLM large's first and last buckets, from S3PRL's own bucket function."""
+    from espnet_flashcompat.attention import wavlm
+    from s3prl.upstream.wavlm.modules import MultiheadAttention
+
+    module = MultiheadAttention(1024, HEADS, has_relative_attention_bias=True, num_buckets=320, max_distance=800,
+                                gru_rel_pos=True)
+    distances = torch.arange(-(frames - 1), frames)
+    return wavlm._flat_ends(module._relative_positions_bucket(distances, bidirectional=True))
+
+
+def fused(q, k, v, gate, rel, pad, p):
+    """The fused kernels as WavLM large's layers call them."""
+    frames = q.size(2)
+    return wavlm_fused.attend(q, k, v, gate, rel, pad, p, wavlm_fused.prepare(rel, pad, q.size(0), flat_ends(frames)))
+
+
+ROWS = {"stock": stock, "efficient": efficient, "fused": fused, "no bias": no_bias}
 
 
 MODES = {"fine-tune": 0.1, "fine-tune, no dropout": 0.0, "frozen": 0.0}  # mode: attention dropout
@@ -103,7 +123,7 @@ def errors(frames: int):
     ins, pad = inputs(frames, True)
     go = torch.randn_like(ins[0])
     torch.manual_seed(7)
-    out = wavlm_fused.attend(*ins, pad, 0.1)
+    out = fused(*ins, pad, 0.1)
     got = [out, *torch.autograd.grad(out, ins, go)]
     torch.manual_seed(7)
     seed = torch.randint(2 ** 62, (1,), device="cuda", dtype=torch.int64)
@@ -127,7 +147,7 @@ def sweep(frames: int, repeat: int):
         saved = dict(getattr(wavlm_fused, kernel))
         setattr(wavlm_fused, kernel, dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
         try:
-            cell = time_it(wavlm_fused.attend, ins if kernel != "FORWARD" else [t.detach() for t in ins], pad,
+            cell = time_it(fused, ins if kernel != "FORWARD" else [t.detach() for t in ins], pad,
                            "frozen" if kernel == "FORWARD" else "fine-tune", repeat)
         except Exception as exc:  # noqa: BLE001 - a config the compiler refuses (shared memory): reported
             cell = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
@@ -138,13 +158,14 @@ def sweep(frames: int, repeat: int):
     return results
 
 
-VARIANTS = {"default": {}, "stored mask": dict(STORE_KEEP_MASK=True), "table per utterance": dict(DREL_PER_BATCH=True),
-            "both": dict(STORE_KEEP_MASK=True, DREL_PER_BATCH=True)}
+FLAGS = ("STORE_KEEP_MASK", "ROTATE_TILES", "FLAT_TILES")
+VARIANTS = {"none": {}, "stored mask": dict(STORE_KEEP_MASK=True), "turned tiles": dict(ROTATE_TILES=True),
+            "flat tiles": dict(FLAT_TILES=True), "all three": dict.fromkeys(FLAGS, True)}
 
 
 def variants(frames_list, repeat: int) -> str:
-    """The fused backward's variants (``wavlm_fused.STORE_KEEP_MASK``, ``DREL_PER_BATCH``) against the default,
-    fine-tuning with dropout 0.1, interleaved in rounds so that drift hits all alike; median per variant."""
+    """The fused backward's variants (``wavlm_fused``'s ``FLAGS``) against none of them, fine-tuning with dropout
+    0.1, interleaved in rounds so that drift hits all alike; median per variant."""
     lines = ["| frames | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
     for frames in frames_list:
         ins, pad = inputs(frames, True)
@@ -152,11 +173,11 @@ def variants(frames_list, repeat: int) -> str:
         peaks = dict.fromkeys(VARIANTS, 0.0)
         for round_ in range(3):
             for name, flags in (VARIANTS.items() if round_ % 2 == 0 else list(VARIANTS.items())[::-1]):
-                saved = {k: getattr(wavlm_fused, k) for k in ("STORE_KEEP_MASK", "DREL_PER_BATCH")}
+                saved = {k: getattr(wavlm_fused, k) for k in FLAGS}
                 for k, v in {**saved, **{k: False for k in saved}, **flags}.items():
                     setattr(wavlm_fused, k, v)
                 try:
-                    cell = time_it(wavlm_fused.attend, ins, pad, "fine-tune", repeat)
+                    cell = time_it(fused, ins, pad, "fine-tune", repeat)
                 finally:
                     for k, v in saved.items():
                         setattr(wavlm_fused, k, v)
@@ -180,12 +201,12 @@ def first_use(frames: int) -> dict:
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.set_grad_enabled(mode != "frozen"):
-            o = wavlm_fused.attend(*ins, pad, MODES[mode])
+            o = fused(*ins, pad, MODES[mode])
             if mode != "frozen":
                 torch.autograd.grad(o, ins, torch.ones_like(o))
         torch.cuda.synchronize()
         out[name] = time.perf_counter() - start
-    out["steady fine-tune"] = time_it(wavlm_fused.attend, ins, pad, "fine-tune", 5)["ms"] / 1000
+    out["steady fine-tune"] = time_it(fused, ins, pad, "fine-tune", 5)["ms"] / 1000
     return out
 
 

@@ -168,6 +168,26 @@ def test_parameters_state_dict_and_uninstall(checkpoint):
     assert not wavlm.is_wavlm(linear) and wavlm.implementation_of(linear) is None and wavlm.install(linear) == 0
 
 
+@pytest.mark.parametrize("buckets, max_distance, time, ends", [(32, 64, 300, (-50, 50)), (320, 800, 1500, (-778, 778)),
+                                                              (320, 800, 500, (-491, 491))],
+                         ids=["tiny", "large_30s", "large_10s"])
+def test_the_distances_that_share_the_last_buckets_are_found_with_s3prls_buckets(buckets, max_distance, time, ends):
+    """The runs of distances at both ends that share one bucket (the fused backward adds their tiles as one sum) are
+    those of S3PRL's own ``_relative_positions_bucket``: from 778 frames on for WavLM large (its buckets stop
+    growing), the last bucket's run within 500 frames; the table's value per distance is the one looked up."""
+    attention = WavLM.MultiheadAttention(64, 4, has_relative_attention_bias=True, num_buckets=buckets,
+                                         max_distance=max_distance, gru_rel_pos=True)
+    wavlm.install(attention)
+    rel, (below, above) = attention._flashcompat_rel(time, torch.device("cpu"))
+    distances = torch.arange(-(time - 1), time)
+    bucket = attention._relative_positions_bucket(distances, bidirectional=True)
+    assert torch.equal(rel, attention.relative_attention_bias(bucket).t())
+    at = dict(zip(distances.tolist(), bucket.tolist()))
+    assert {at[d] for d in range(above, time)} == {at[time - 1]} != {at[above - 1]}
+    assert {at[d] for d in range(-(time - 1), below + 1)} == {at[-(time - 1)]} != {at[below + 1]}
+    assert (below, above) == ends
+
+
 def test_what_the_lean_path_leaves_runs_stock(checkpoint):
     """Attention weights asked for: S3PRL's own forward, which makes a stock ``position_bias`` tensor; a lean
     module given one runs stock too. A lean layer 0 passes on a ``RelativePosition`` that expands to stock's."""

@@ -20,7 +20,7 @@ weights asked for (``need_weights``), incremental decoding, an ``attn_mask``, di
 
 import logging
 import sys
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -36,13 +36,15 @@ _MODULE = "s3prl.upstream.wavlm.modules"  # S3PRL's WavLM MultiheadAttention liv
 
 class RelativePosition:
     """What our layer 0 passes on to the later layers as ``position_bias``: ``rel`` (head, 2 time - 1), float32,
-    with autograd to the bias table; ``memo``: what the layers of this forward derive from it once (the fused
+    with autograd to the bias table; ``flat``: (below, above), the distances at or below, and at or above, which
+    share one bucket (``_flat_ends``); ``memo``: what the layers of this forward derive from it once (the fused
     kernel's inputs)."""
 
-    __slots__ = ("rel", "memo")
+    __slots__ = ("rel", "flat", "memo")
 
-    def __init__(self, rel: torch.Tensor):
+    def __init__(self, rel: torch.Tensor, flat: Optional[Tuple[int, int]] = None):
         self.rel = rel
+        self.flat = flat
         self.memo = {}
 
     def stock(self, batch: int) -> torch.Tensor:
@@ -69,7 +71,7 @@ class _LeanWavLMAttention:
         time, batch, dim = query.shape
         heads, head_dim = self.num_heads, self.head_dim
         if position_bias is None:
-            position_bias = RelativePosition(self._flashcompat_rel(time, query.device))
+            position_bias = RelativePosition(*self._flashcompat_rel(time, query.device))
         rel = position_bias.rel
         if self.gru_rel_pos:
             gate = self._flashcompat_gate(query)
@@ -82,7 +84,8 @@ class _LeanWavLMAttention:
         q, k, v = split(self.q_proj(query)), split(self.k_proj(key)), split(self.v_proj(value))
         pad = None if key_padding_mask is None else key_padding_mask.view(batch, 1, 1, time).to(torch.bool)
         dropout_p = self.dropout_module.p if self.training else 0.0
-        out, self._flashcompat_path = wavlm_kernel.attend(q, k, v, gate, rel, pad, dropout_p, position_bias.memo)
+        out, self._flashcompat_path = wavlm_kernel.attend(q, k, v, gate, rel, pad, dropout_p, position_bias.memo,
+                                                          position_bias.flat)
         out = out.permute(2, 0, 1, 3).reshape(time, batch, dim)
         return self.out_proj(out), None, position_bias
 
@@ -94,17 +97,18 @@ class _LeanWavLMAttention:
             return False
         return self.bias_k is None and not self.add_zero_attn and self.q_head_dim == self.head_dim
 
-    def _flashcompat_rel(self, time: int, device: torch.device) -> torch.Tensor:
-        """(head, 2 time - 1): the table's value for each distance j - i, -(time - 1) .. time - 1."""
+    def _flashcompat_rel(self, time: int, device: torch.device) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(head, 2 time - 1): the table's value for each distance j - i, -(time - 1) .. time - 1; and the runs of
+        distances at both ends that share one bucket (``_flat_ends``)."""
         key = (time, str(device), self.num_buckets, self.max_distance)
-        buckets = _BUCKETS.get(key)
-        if buckets is None:
+        if key not in _BUCKETS:
             distances = torch.arange(-(time - 1), time, dtype=torch.long)  # on the CPU, as compute_bias computes them
-            buckets = self._relative_positions_bucket(distances, bidirectional=True).to(device)
+            buckets = self._relative_positions_bucket(distances, bidirectional=True)
             if len(_BUCKETS) >= 64:
                 _BUCKETS.clear()
-            _BUCKETS[key] = buckets
-        return self.relative_attention_bias(buckets).t()
+            _BUCKETS[key] = buckets.to(device), _flat_ends(buckets)
+        buckets, flat = _BUCKETS[key]
+        return self.relative_attention_bias(buckets).t(), flat
 
     def _flashcompat_gate(self, query: torch.Tensor) -> torch.Tensor:
         """(batch, head, time): the factor ``gru_rel_pos`` puts on each query's row of the bias, as stock computes it
@@ -116,7 +120,19 @@ class _LeanWavLMAttention:
         return (gate_a * (gate_b * self.grep_a - 1.0) + 2.0).squeeze(-1)
 
 
-_BUCKETS: Dict[tuple, torch.Tensor] = {}
+def _flat_ends(buckets: torch.Tensor) -> Tuple[int, int]:
+    """(below, above) for the buckets of distances -(time - 1) .. time - 1: every distance at or below ``below`` has
+    the first distance's bucket, every one at or above ``above`` the last one's (WavLM's buckets stop growing at
+    ``max_distance``: far tiles of the fused kernel's backward then add one sum each)."""
+    time = (buckets.numel() + 1) // 2
+    differs = (buckets != buckets[-1]).nonzero()
+    above = (int(differs[-1]) + 1 if len(differs) else 0) - (time - 1)
+    differs = (buckets != buckets[0]).nonzero()
+    below = (int(differs[0]) - 1 if len(differs) else buckets.numel() - 1) - (time - 1)
+    return below, above
+
+
+_BUCKETS: Dict[tuple, Tuple[torch.Tensor, Tuple[int, int]]] = {}
 _SUBCLASSES: Dict[type, type] = {}
 
 

@@ -100,13 +100,17 @@ if triton is not None:
     @triton.jit
     def backward_kv(Q, K, V, G, R, KB, END, DO, LSE, DELTA, SEED, MASK, DK, DV, DREL,
                     sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sg_b, sg_h, sr_h, skb_b, sdrel_h,
-                    H, T, sm_scale, threshold, rescale, row_bytes,
+                    H, T, sm_scale, threshold, rescale, row_bytes, flat_below, flat_above,
                     HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
-                    E: tl.constexpr, STORED_MASK: tl.constexpr, DREL_PER_BATCH: tl.constexpr):
+                    E: tl.constexpr, STORED_MASK: tl.constexpr, ROTATE: tl.constexpr):
         """A block of keys: their k and v gradients, and the table's along the diagonals the block meets. q, k, v, dO
         and the gradients share one layout. Rows past the end (time) have q = dO = gate = 0 and an infinite
-        log-sum-exp: they add nothing. The table's gradient goes to row h of DREL, or with DREL_PER_BATCH to row
-        b x H + h (fewer programs add to one address), summed over the batch by the caller."""
+        log-sum-exp: they add nothing. The table's gradient goes to row h of DREL. Distances j - i at or
+        below ``flat_below``, and at or above ``flat_above``, read one table entry each (WavLM's buckets end so): a
+        tile all of whose distances lie there adds its whole sum at one distance of it, the tile's j - i = 0 line.
+        The diagonal sums of other tiles: ROTATE turns each key row n of the tile by n (BLOCK_N <= BLOCK_M), so
+        that column c holds diagonal j - i = first - start - c above the wrap and that + BLOCK_M below it; else the
+        tile is sheared into E columns, one per diagonal."""
         bh = tl.program_id(1)
         b, h = bh // H, bh % H
         first = tl.program_id(0) * BLOCK_N
@@ -127,6 +131,12 @@ if triton is not None:
         m_of = n[:, None] + BLOCK_M - 1 - e[None, :]
         on_tile = (m_of >= 0) & (m_of < BLOCK_M)
         m_of = tl.where(on_tile, m_of, 0)
+        c = tl.arange(0, BLOCK_M)
+        turned = n[:, None] + c[None, :]  # the query of key row n in column c, before the wrap
+        if ROTATE:
+            tl.static_assert(BLOCK_N <= BLOCK_M)
+        above_wrap = turned < BLOCK_M
+        turned = tl.where(above_wrap, turned, turned - BLOCK_M)
         for start in range(0, tl.where(first < tl.load(END + b), T, 0), BLOCK_M):  # padded keys: gradients 0
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < T
@@ -152,10 +162,22 @@ if triton is not None:
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(k.dtype), tl.trans(qt))
             w = dst * g[None, :]  # the gate-weighted bias gradient, (key, query)
-            diagonals = tl.sum(tl.where(on_tile, tl.gather(w, m_of, 1), 0.0), 0)  # sheared: a diagonal per column
-            distance = first - start + e - (BLOCK_M - 1)  # j - i on diagonal e
-            tl.atomic_add(DREL + (bh if DREL_PER_BATCH else h) * sdrel_h + distance + T - 1, diagonals,
-                          mask=(distance > -T) & (distance < T) & (e < BLOCK_M + BLOCK_N - 1), sem="relaxed")
+            drel = DREL + h * sdrel_h + T - 1  # distance 0
+            if (first - start - (BLOCK_M - 1) >= flat_above) | (first - start + BLOCK_N - 1 <= flat_below):
+                tl.atomic_add(drel + first - start, tl.sum(w), sem="relaxed")
+            elif ROTATE:
+                rotated = tl.gather(w, turned, 1)
+                distance = first - start - c
+                tl.atomic_add(drel + distance, tl.sum(tl.where(above_wrap, rotated, 0.0), 0),
+                              mask=distance > -T, sem="relaxed")
+                distance += BLOCK_M
+                tl.atomic_add(drel + distance, tl.sum(tl.where(above_wrap, 0.0, rotated), 0),
+                              mask=(c > 0) & (distance < T), sem="relaxed")
+            else:
+                diagonals = tl.sum(tl.where(on_tile, tl.gather(w, m_of, 1), 0.0), 0)  # sheared: a diagonal a column
+                distance = first - start + e - (BLOCK_M - 1)  # j - i on diagonal e
+                tl.atomic_add(drel + distance, diagonals,
+                              mask=(distance > -T) & (distance < T) & (e < BLOCK_M + BLOCK_N - 1), sem="relaxed")
         tl.store(DK + b * sk_b + h * sk_h + cols[:, None] * sk_t + d[None, :], (dk * sm_scale).to(k.dtype),
                  mask=col_ok[:, None])
         tl.store(DV + b * sv_b + h * sv_h + cols[:, None] * sv_t + d[None, :], dv.to(v.dtype), mask=col_ok[:, None])

@@ -29,7 +29,7 @@ draws its own mask: the same distribution (Bernoulli(1 - p), scaled by 1 / (1 - 
 """
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,13 +48,17 @@ PLAIN = "sdpa-with-bias"  # the bias materialised and kept by autograd
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor, rel: torch.Tensor,
-           pad: Optional[torch.Tensor], dropout_p: float, memo: Optional[dict] = None):
-    """(output (batch, head, time, head_dim), FUSED, KERNEL or PLAIN): the path that served the call."""
+           pad: Optional[torch.Tensor], dropout_p: float, memo: Optional[dict] = None,
+           flat: Optional[Tuple[int, int]] = None):
+    """(output (batch, head, time, head_dim), FUSED, KERNEL or PLAIN): the path that served the call. ``memo``: where
+    the layers of one forward keep what they share; ``flat``: the runs of distances that read one table entry
+    (``wavlm_fused.prepare``)."""
     if kernel_possible(q, k, v):
         key = (q.dtype, q.size(-1), q.device.index)
         if USE_FUSED and key not in _FUSED_REFUSED and wavlm_fused.takes(q):
             try:
-                return wavlm_fused.attend(q, k, v, gate, rel, pad, dropout_p, _prepared(memo, rel, pad, q)), FUSED
+                prepared = _prepared(memo, rel, pad, q, flat)
+                return wavlm_fused.attend(q, k, v, gate, rel, pad, dropout_p, prepared), FUSED
             except Exception as exc:  # noqa: BLE001 - a Triton build or launch failure: the kernels below serve
                 if "out of memory" in str(exc):
                     raise
@@ -89,13 +93,13 @@ def path_on(device: str) -> str:
     return KERNEL if hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention") else PLAIN
 
 
-def _prepared(memo: Optional[dict], rel, pad, q):
+def _prepared(memo: Optional[dict], rel, pad, q, flat):
     """``wavlm_fused.prepare``'s inputs, made once per ``memo`` (one forward's layers) and padding mask."""
     if memo is None:
-        return None
+        return wavlm_fused.prepare(rel, pad, q.size(0), flat)
     key = ("fused", None if pad is None else (pad.data_ptr(), tuple(pad.shape)))
     if key not in memo:
-        memo[key] = wavlm_fused.prepare(rel, pad, q.size(0))
+        memo[key] = wavlm_fused.prepare(rel, pad, q.size(0), flat)
     return memo[key]
 
 
