@@ -728,3 +728,36 @@ def test_what_a_shape_cost_is_kept_per_device_dtype_and_mode_under_ddp_too():
     t._learn(("cuda:0", "torch.bfloat16", False), timings)  # DDP: one bucket per train or eval
     assert t.per_shape == {("cuda:0", "torch.bfloat16", True): {"sdpa:cudnn": pytest.approx(220 / 43)},
                            ("cuda:0", "torch.bfloat16", False): {"sdpa:cudnn": pytest.approx(220 / 43)}}
+
+
+def test_a_site_picks_again_at_its_second_batch_with_the_memory_cap_against_the_steps_peak(caplog):
+    """A part of a step timed (ESPnet's attention sites, ``step_peak``): the first look leaves the
+    memory-efficient kernel out at 1.11x flash-attn's peak although it ran faster (E-Branchformer ls100, ragged bf16,
+    H200, 2026-12-05: 10.6 against 22.9 ms; here 10.6 against 11.0, close enough for a second look); at the
+    bucket's second batch the step's peak with flash-attn running is known (3.3 GiB), the kernel's 0.09 GiB more
+    are 3% of it, and it is picked without timing anything; the second look at batch 50 counts the step's peak
+    too and keeps it. Where the step holds little besides the attention, flash-attn stays."""
+    from espnet_flashcompat.attention import tuner
+
+    pair = ("flash_attention_2", "sdpa:efficient")
+    base = policy.AttnDecision("auto", pair[0], (), "config", "cuda:0 bfloat16", pair)
+    ms, peaks, timed = {pair[0]: 11.0, pair[1]: 10.6}, {pair[0]: int(0.81 * GIB), pair[1]: int(0.90 * GIB)}, []
+
+    def measure(contenders):
+        timed.append(contenders)
+        return {b: Timing(b, ms[b], peaks[b], 0.01, 9, ms[b] + 1) for b in contenders}
+
+    key, bucket = ("cuda:0", "torch.bfloat16"), (True, 8, 4096, True)
+    t = tuner.Tuner("test", step_peak=lambda: int(3.3 * GIB))
+    first = t.decision(key, base, bucket, False, None, None, measure, exact=(8, 4000))
+    assert first.implementation == pair[0] and "1.11x the leanest" in first.summary()
+    with caplog.at_level(logging.INFO):
+        picks = [t.decision(key, base, bucket, False, None, None, measure, exact=(8, 4000 - i)).implementation
+                 for i in range(1, calibrate.RECHECK_AFTER)]
+    assert picks == [pair[1]] * len(picks) and len(timed) == 2, (picks, timed)
+    assert "picked again from the first look's timings: flash_attention_2 before" in caplog.text
+    assert "memory against the step's peak of 3.30 GiB" in caplog.text
+    t, timed[:] = tuner.Tuner("test", step_peak=lambda: int(0.85 * GIB)), []
+    picks = [t.decision(key, base, bucket, False, None, None, measure, exact=(8, 4000 - i)).implementation
+             for i in range(3)]
+    assert picks == [pair[0]] * 3 and len(timed) == 1

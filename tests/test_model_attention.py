@@ -66,6 +66,24 @@ def test_decisions_name_their_reasons():
         model_policy.decide("auto", model_attention.SELF, CPU, F32, source=optin.MODEL_ENV))
 
 
+
+def test_on_cuda_sdpa_contends_as_torch_chooses_and_as_each_kernel(monkeypatch):
+    """``auto`` on CUDA (the policy alone, without a GPU: ``sdpa_kernels.candidates`` stands in for the device's
+    answer): ESPnet's attention times SDPA unpinned (torch's own choice, no pin to pay: a decode step's calls are
+    launch-bound) beside each of its kernels, and eager; relative-position attention SDPA and eager; one kernel
+    only: SDPA unpinned, once."""
+    from espnet_flashcompat.attention import sdpa_kernels
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:cudnn", "sdpa:efficient"))
+    decision = model_policy.decide("auto", model_attention.SELF, cuda, torch.bfloat16)
+    assert decision.contenders == (SDPA, "sdpa:cudnn", "sdpa:efficient", "eager"), decision
+    assert FLASH in {r.backend for r in decision.rejected}  # no working flash-attn in the test venv
+    assert model_policy.decide("auto", model_attention.REL, cuda, torch.bfloat16).contenders == (SDPA, "eager")
+    monkeypatch.setattr(sdpa_kernels, "candidates", lambda device, dtype: ("sdpa:efficient",))
+    assert model_policy.decide("auto", model_attention.SELF, cuda, torch.float32).contenders == (SDPA, "eager")
+    assert model_policy.decide("sdpa", model_attention.SELF, cuda, torch.bfloat16).contenders == ()
+
 def test_request_from_environment_and_config(monkeypatch):
     ns = argparse.Namespace
     assert optin.requested(ns()) is None and optin.requested(None) is None  # not asked: stock

@@ -17,7 +17,10 @@ than ``calibrate.SKIP_SHAPE_COST`` runs per batch (``_builders``), until a secon
 cuDNN's attention is presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once
 two buckets of a device, dtype and train or eval have been measured and one backend was within the tie margin of the
 fastest in every one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the
-ranking does not change with the batch's size.
+ranking does not change with the batch's size. Where the timed forward is a part of a step (ESPnet's attention
+sites: ``step_peak``, the process's peak memory since the last calibration), a bucket whose first look left a backend
+out for memory alone picks again at its second batch, untimed: each peak counted on top of what the step held
+besides the backend that ran (``step_memory``), so that the 1.1x cap is the step's, not the attention's own.
 """
 
 import logging
@@ -25,7 +28,8 @@ import time
 from dataclasses import replace
 from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
-from espnet_flashcompat.attention import calibrate, calibration_key, frontend_buckets, ranks, sdpa_kernels, store
+from espnet_flashcompat.attention import (calibrate, calibration_key, frontend_buckets, ranks, sdpa_kernels,
+                                          step_memory, store)
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 
 INHERIT_AFTER = 2  # measured buckets of one device, dtype and train or eval that must agree before others inherit
@@ -37,10 +41,11 @@ class Tuner:
     bucket)."""
 
     def __init__(self, name: str = "s3prl_flashcompat", describe: Callable[[Tuple], str] = frontend_buckets.describe,
-                 site: Optional[Dict[str, object]] = None):
+                 site: Optional[Dict[str, object]] = None, step_peak: Optional[Callable[[], int]] = None):
         self.name = name  # the log lines' prefix
         self.describe = describe  # a shape bucket in words; its last field says whether the batch passes a mask
         self.site = site  # the calibration store key's attention site, where the model's own cannot be read
+        self.step_peak = step_peak  # bytes: the step's peak memory so far, where the timed forward is a part of it
         self.decisions: Dict[Tuple, AttnDecision] = {}
         self.seen: Dict[Tuple, int] = {}
         self.timings: Dict[Tuple, Dict] = {}  # the timings each bucket's last decision was made from
@@ -64,6 +69,8 @@ class Tuner:
         self.shapes.setdefault(bucket, set()).add(exact)
         if seen == 1:
             self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
+        elif seen == 2 and self.step_peak is not None and (shape[0] or not together):
+            self.decisions[bucket] = self._against_step(bucket, static, shape, together)
         elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
             share = self._new_shapes(bucket, seen)  # DDP: only training, whose steps are in lockstep
             share = max(ranks.gather(share)) if together else share  # ... and every rank the same share
@@ -123,12 +130,15 @@ class Tuner:
             logger.info("%s: %s (the only contender left to time)", self.name, decision.summary())
             return decision
         try:
+            ran = self.decisions.get(bucket)  # what the bucket's batches ran since its first look
+            step = self._peak(together) if ran is not None and self.step_peak is not None else None
             start = time.perf_counter()
             timings = measure(contenders or (decision.implementation,))
             cost = time.perf_counter() - start
             if together:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
+            timings = step is not None and step_memory.on_top_of(timings, ran.implementation, step) or timings
             measured = calibrate.pick(timings, decision, where, share) or decision
             self._learn(bucket, timings)
             if measured.measured:
@@ -145,6 +155,33 @@ class Tuner:
         logger.info("%s: %s (calibration took %.2f s%s%s%s)", self.name, measured.summary(), cost, batches, spent,
                     "; kept in the calibration store" if kept else "")
         return measured
+
+    def _peak(self, together: bool) -> int:
+        """``step_peak()``, the largest of every rank's under DDP (so that all ranks pick alike)."""
+        return max(ranks.gather(self.step_peak())) if together else self.step_peak()
+
+    def _against_step(self, bucket, static, shape, together) -> AttnDecision:
+        """The bucket's decision at its second batch: picked again from its timings, untimed, where they left a
+        backend out for memory alone, with each peak on top of what the step held besides the backend its first batch
+        ran (``step_memory``)."""
+        decision, timings = self.decisions[bucket], self.timings.get(bucket, {})
+        if not step_memory.left_out(timings):
+            return decision
+        peak = self._peak(together)
+        rebased = step_memory.on_top_of(timings, decision.implementation, peak)
+        if rebased is None:
+            return decision
+        timed = {b for b, t in timings.items() if isinstance(t, calibrate.Timing)}
+        base = replace(decision, context=static.context,
+                       rejected=tuple(r for r in decision.rejected if r.backend not in timed))
+        where = f"{self.describe(shape)}, batch 2, memory against the step's peak of {peak / 2 ** 30:.2f} GiB"
+        again = calibrate.pick(rebased, base, where) or decision
+        self.timings[bucket] = rebased
+        self.picks[bucket] = (again.implementation, calibrate.tied(rebased, again.implementation))
+        logger.info("%s: %s (picked again from the first look's timings: %s)", self.name, again.summary(),
+                    "the same pick" if again.implementation == decision.implementation else
+                    f"{decision.implementation} before")
+        return again
 
     def _new_shapes(self, bucket, seen: int) -> float:
         """The share of the bucket's batches after its first whose shape was new (1 at the first batch: length-sorted

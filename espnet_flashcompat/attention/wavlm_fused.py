@@ -7,13 +7,13 @@ function): softmax(q k^T / sqrt(head_dim) + gate[b, h, i] * rel[h, j - i + time 
 times V. Each program holds a block of queries (forward; backward for q and the gate) or of keys (backward for k, v
 and the table) and walks the other axis tile by tile, as flash attention does; key blocks past an utterance's last
 unpadded key are skipped (their probabilities are 0). The bias of a tile is read from the (head, 2 time - 1) table,
-which stays in the cache: no (.., time, time) tensor of scores or probabilities exists, forward or backward. The table's gradient is
-summed along each tile's diagonals in registers (``tl.gather`` turns each key row of the tile by its index, so that
-a column holds a diagonal) and added once per diagonal and tile; a tile all of whose distances read one table entry
-(WavLM's far distances: ``prepare``'s ``flat``) adds its whole sum at once. The gate's gradient is a row sum. Kept
-for the backward: q, k, v, the gate, the table, the output, the log-sum-exp per query and the dropout mask, a bit
-per probability. ``prepare`` derives from the table and the padding mask what the kernels read; WavLM's layers
-share one table and one mask, so ``wavlm`` prepares once per forward.
+which stays in the cache: no (.., time, time) tensor of scores or probabilities exists, forward or backward. The
+table's gradient is summed along each tile's diagonals in registers (``tl.gather`` turns each key row of the tile by
+its index, so that a column holds a diagonal) and added once per diagonal and tile; a tile all of whose distances
+read one table entry (WavLM's far distances: ``prepare``'s ``flat``) adds its whole sum at once. The gate's gradient
+is a row sum. Kept for the backward: q, k, v, the gate, the table, the output, the log-sum-exp per query and the
+dropout mask, a bit per probability. ``prepare`` derives from the table and the padding mask what the kernels read;
+WavLM's layers share one table and one mask, so ``wavlm`` prepares once per forward.
 
 Dropout, a stated equivalent of SDPA's: each probability is kept independently with probability 1 - p (p rounded
 to a multiple of 2^-16) and scaled by the inverse of that (``dropout_threshold``), from Triton's Philox stream

@@ -9,12 +9,14 @@ with the frontend's policy), and only for ``selfattn`` (relative-position attent
 everywhere else; eager when asked for. An explicit request is honoured when it passes, else downgraded along
 flash_attention_2, sdpa, eager (one warning), or refused under ``strict``; a call without a mask (beam search's
 source attention) never takes ESPnet's flash path, which cannot run it (``MASKLESS``). ``auto`` off CUDA is the
-rule: the first that passes. ``auto`` on CUDA is measured, as the frontend's: every backend that passes contends (SDPA's kernels one
-by one where more than one may run, ``sdpa_kernels``; relative-position attention runs SDPA through
-``relpos_sdpa``, whose memory-efficient kernel is called directly), and a ``tuner.Tuner`` per site times them on
-the site's real calls, per shape bucket (``model_calibration``), keeps the fastest within the memory cap, keeps it in
-the calibration store and, under DDP, agrees on it across ranks. A flash-attn failure at run time moves that device
-and dtype to SDPA for every site, with one warning.
+rule: the first that passes. ``auto`` on CUDA is measured, as the frontend's: every backend that passes contends
+(SDPA as torch chooses its kernel, and its kernels one by one where more than one may run, ``sdpa_kernels``: a
+pinned kernel pays for its pin, which a decode step's launch-bound calls notice; relative-position attention runs
+SDPA through ``relpos_sdpa``, whose memory-efficient kernel is called directly), and a ``tuner.Tuner`` per site
+times them on the site's real calls, per shape bucket (``model_calibration``), keeps the fastest within the memory
+cap (at the bucket's second batch against the step's peak: ``attention.step_memory``), keeps it in the calibration
+store and, under DDP, agrees on it across ranks. A flash-attn failure at run time moves that device and dtype to
+SDPA for every site, with one warning.
 """
 
 import logging
@@ -72,7 +74,8 @@ def decide(requested: str, kind: str, device=None, dtype=None, source: str = "co
     """The backend for ESPnet attention of ``kind`` on ``device`` with ``dtype`` in effect (None: not known yet):
     the first of flash_attention_2, sdpa, eager that passes (from the requested one on; with ``strict``, an explicit
     request that does not pass is refused). ``auto`` on CUDA names every backend that passes as contenders (SDPA as
-    its kernels where more than one may run; ``selfattn`` only: ``relpos_sdpa`` calls its kernel directly)."""
+    torch's own choice and as each of its kernels where more than one may run; ``selfattn`` only: ``relpos_sdpa``
+    calls its kernel directly)."""
     context = f"{device} {str(dtype).replace('torch.', '')}" if device is not None else ""
     rejected, passing = [], []
     for backend in (_ORDER if requested == AUTO else _ORDER[_ORDER.index(requested):]):
@@ -84,7 +87,8 @@ def decide(requested: str, kind: str, device=None, dtype=None, source: str = "co
     contenders = ()
     if requested == AUTO and device is not None and torch.device(device).type == "cuda" and dtype is not None:
         kernels = sdpa_kernels.candidates(torch.device(device), dtype) if kind == SELF else ()
-        contenders = tuple(k for b in passing for k in (kernels if b == SDPA and len(kernels) > 1 else (b,)))
+        sdpa = (SDPA,) + kernels if len(kernels) > 1 else (SDPA,)
+        contenders = tuple(k for b in passing for k in (sdpa if b == SDPA else (b,)))
     decision = AttnDecision(requested, passing[0], tuple(rejected), source, context,
                             contenders if len(contenders) > 1 else ())
     if strict and rejected and requested != AUTO:
@@ -154,8 +158,9 @@ class ModelAttentionPolicy:
         if decision.contenders or together:
             site_tuner = self._tuners.get(site)
             if site_tuner is None:
+                step_peak = (lambda: torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
                 site_tuner = self._tuners[site] = tuner.Tuner(f"{PREFIX}: {site}", model_calibration.describe,
-                                                              self.fields.get(site))
+                                                              self.fields.get(site), step_peak)
             layers = self.modules.get(site, 1)
             decision = site_tuner.decision(
                 (str(device), str(dtype)), decision, model_calibration.bucket(query, key, mask), together, module,
