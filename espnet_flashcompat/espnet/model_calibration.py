@@ -7,12 +7,10 @@ whether a mask is passed). ``Call.measure`` times each contender (``calibrate.me
 bucket first: the module run as many times as the site has modules, on that call's own inputs (detached), forward
 and, when training, the backward into the module's parameters, as a step runs the site's layers; the peak memory
 thus counts what those layers keep for the backward, on top of what the step holds when the call arrives (its
-parameters, optimizer state and the activations kept so far), so that the memory cap leans towards the step's.
-That is not yet enough: the attention's own memory can differ by far more than the step's (ESPnet's flash path
-unpads a ragged batch, SDPA does not), and at the first layer's call the step holds a small part of its peak
-(E-Branchformer ls100, bf16, 8 ragged utterances, H200, 2026-12-05: the memory-efficient kernel 1.11x flash-attn's
-peak in the calibration, and left out, at half its time; the steps' peaks 3,393 and 3,320 MiB). ``Call.reshaped(k)`` is the same call 2k frames shorter on
-both time axes, for ``calibrate``'s cost of a new shape (cuDNN's attention builds a graph per length).
+parameters, optimizer state and the activations kept so far). At the first layer's call the step holds a small
+part of its peak, so the tuner counts the step's own peak once a step has run (``attention.step_memory``: at the
+bucket's second batch, and at its second look). ``Call.reshaped(k)`` is the same call 2k frames shorter on both
+time axes, for ``calibrate``'s cost of a new shape (cuDNN's attention builds a graph per length).
 ``site_fields`` is what the calibration store keys a site on (``calibration_key.site_of``).
 """
 

@@ -29,7 +29,8 @@ import torch
 
 from espnet_flashcompat.attention import policy as frontend_policy
 from espnet_flashcompat.attention import ranks, sdpa_kernels, tuner
-from espnet_flashcompat.attention.policy import AUTO, EAGER, FLASH, SDPA, AttentionUnavailableError, AttnDecision, Rejection
+from espnet_flashcompat.attention.policy import (AUTO, EAGER, FLASH, SDPA, AttentionUnavailableError, AttnDecision,
+                                                 Rejection)
 from espnet_flashcompat.espnet import espnet_compat, model_calibration
 from espnet_flashcompat.espnet.request import Request, origin
 
@@ -137,12 +138,12 @@ class ModelAttentionPolicy:
 
     def decision(self, site: str, kind: str, module, query, key, mask,
                  call: Callable[[], model_calibration.Call]) -> AttnDecision:
-        """The decision for a call of ``module`` (one of ``site``'s) on ``query``, ``key`` and ``mask``: the rule's
-        for the call's device and dtype in effect, or under ``auto`` on CUDA the one measured for the call's bucket.
-        ``call()`` gives the call, for a calibration. The site's next layer in the same step takes the site's latest decision at
-        the cost of a comparison: its mask (else its keys; a view stands for the tensor it views: beam search hands
-        each decoder layer its own slice of one mask) and every shape and mode the decision depends on are those
-        of the latest call."""
+        """The decision for a call of ``module`` (one of ``site``'s) on ``query``, ``key`` and ``mask``: the
+        rule's for the call's device and dtype in effect, or under ``auto`` on CUDA the one measured for the
+        call's bucket. ``call()`` gives the call, for a calibration. The site's next layer in the same step
+        takes the site's latest decision at the cost of a comparison: its mask (else its keys; a view stands for
+        the tensor it views: beam search hands each decoder layer its own slice of one mask) and every shape and
+        mode the decision depends on are those of the latest call."""
         anchor = mask if mask is not None else key
         anchor = anchor if anchor._base is None else anchor._base
         state = (query.dtype, torch.is_grad_enabled(), torch._C._is_any_autocast_enabled(), query.shape, key.shape)
