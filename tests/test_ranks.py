@@ -108,6 +108,21 @@ def main(rank, scenario, world, init, tiny, device, out):
         base = policy.AttnDecision("auto", "sdpa", rejected, context=f"{device} float32", contenders=contenders)
         decision, _ = decide(base)
         result.update(chosen=decision.implementation, summary=decision.summary())
+    elif scenario == "step_peak":
+        # The memory cap against the step's peak at a bucket's second batch: rank 0's step holds little besides the
+        # attention (flash-attn alone fits), rank 1's much (the memory-efficient kernel fits too): one decision.
+        from espnet_flashcompat.attention import tuner
+        from espnet_flashcompat.attention.calibrate import Timing
+        gib = 2 ** 30
+        ms = {"flash_attention_2": 11.0, "sdpa:efficient": 10.6}
+        peaks = {"flash_attention_2": int(0.81 * gib), "sdpa:efficient": int(0.90 * gib)}
+        base = policy.AttnDecision("auto", "flash_attention_2", (), context=f"{device} bfloat16",
+                                   contenders=tuple(ms))
+        site = tuner.Tuner(step_peak=lambda: int((0.85 if rank == 0 else 3.3) * gib))
+        picks = [site.decision((device, "torch.bfloat16"), base, (True, 2, 32768, True), True, None,
+                               torch.device(device), lambda c: {b: Timing(b, ms[b], peaks[b], 0.01, 9) for b in c})
+                 for _ in range(2)]
+        result.update(picks=[d.implementation for d in picks], summary=picks[-1].summary())
     elif scenario == "store":
         # Each rank its own store (as nodes without a shared file system have): filled on both, then on rank 0 only.
         from espnet_flashcompat.attention import store
@@ -166,6 +181,15 @@ def test_two_ranks_pick_the_same_backend_and_a_veto_holds(tmp_path, tiny_wav2vec
     assert [r["chosen"] for r in results] == ["sdpa", "sdpa"]  # eager is vetoed by rank 1, whatever it cost
     assert "eager: failed during calibration: rank 1: refused on rank 1 for this test" in results[0]["summary"]
     assert all("decided across 2 ranks" in r["summary"] for r in results), results
+
+
+@pytest.mark.slow
+def test_ranks_pick_again_alike_against_the_largest_steps_peak(tmp_path, tiny_wav2vec2):
+    """At a bucket's second batch the memory cap counts the step's peak (``attention.step_memory``): each rank's
+    differs, every rank takes the largest, and all pick alike (rank 0's own would have kept flash-attn)."""
+    results = _two_ranks(tmp_path, "step_peak", str(tiny_wav2vec2))
+    assert [r["picks"] for r in results] == [["flash_attention_2", "sdpa:efficient"]] * 2, results
+    assert all("memory against the step's peak of 3.30 GiB" in r["summary"] for r in results), results
 
 
 @pytest.mark.slow
