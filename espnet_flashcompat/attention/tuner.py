@@ -19,7 +19,7 @@ two buckets of a device, dtype and train or eval have been measured and one back
 fastest in every one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the
 ranking does not change with the batch's size. Where the timed forward is a part of a step (ESPnet's attention
 sites: ``step_peak``, the process's peak memory since the last calibration), a bucket whose first look left a backend
-out for memory alone picks again at its second batch, untimed: each peak counted on top of what the step held
+out for its memory picks again at its second batch, untimed: each peak counted on top of what the step held
 besides the backend that ran (``step_memory``), so that the 1.1x cap is the step's, not the attention's own.
 """
 
@@ -162,7 +162,7 @@ class Tuner:
 
     def _against_step(self, bucket, static, shape, together) -> AttnDecision:
         """The bucket's decision at its second batch: picked again from its timings, untimed, where they left a
-        backend out for memory alone, with each peak on top of what the step held besides the backend its first batch
+        backend out for its memory, with each peak on top of what the step held besides the backend its first batch
         ran (``step_memory``)."""
         decision, timings = self.decisions[bucket], self.timings.get(bucket, {})
         if not step_memory.left_out(timings):
