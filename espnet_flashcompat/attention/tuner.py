@@ -175,6 +175,7 @@ class Tuner:
         base = replace(decision, context=static.context,
                        rejected=tuple(r for r in decision.rejected if r.backend not in timed))
         where = f"{self.describe(shape)}, batch 2, memory against the step's peak of {peak / 2 ** 30:.2f} GiB"
+        where += f", decided across {ranks.world_size()} ranks" if together else ""
         again = calibrate.pick(rebased, base, where) or decision
         self.timings[bucket] = rebased
         self.picks[bucket] = (again.implementation, calibrate.tied(rebased, again.implementation))
