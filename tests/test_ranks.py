@@ -157,6 +157,7 @@ def main(rank, scenario, world, init, tiny, device, out):
     result["logs"] = logs
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
+    dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit, seen once)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
