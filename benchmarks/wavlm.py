@@ -27,6 +27,7 @@ lean's frozen outputs, relative to stock's largest value.
     python benchmarks/wavlm.py --out DIR                       # the table (CUDA)
     python benchmarks/wavlm.py --out DIR --models large --seconds 30 --precisions bf16
     python benchmarks/wavlm.py --tiny --out /tmp/wavlm_bench   # CPU smoke test: a tiny model, 1 s
+    python benchmarks/wavlm.py --out DIR --fused-off STORE_KEEP_MASK   # the fused backward without a variant
 
 Writes DIR/wavlm.md and DIR/wavlm.json and prints the table.
 """
