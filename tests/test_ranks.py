@@ -157,8 +157,10 @@ def main(rank, scenario, world, init, tiny, device, out):
     result["logs"] = logs
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
-    dist.barrier()  # no rank tears gloo down while another still talks to it (an abort at exit, seen once)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank's result is on disk
+    # Leave without tearing gloo down: its threads, destroyed at exit, aborted a run now and then after the results
+    # were written ("terminate called without an active exception"); the parent reads only the exit code.
+    os._exit(0)
 
 if __name__ == "__main__":
     scenario, tiny, device, out = sys.argv[1:5]
