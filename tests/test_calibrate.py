@@ -175,6 +175,32 @@ def test_a_cost_per_shape_is_what_a_run_on_another_shape_takes_after_the_warm_up
     assert "+ 220 ms per new shape" in str(timings["sdpa"]) and sorted(shapes) == [1, 2]  # a shape each
 
 
+def test_without_warm_ups_one_run_warms_the_shape_up_for_all(monkeypatch):
+    """Where earlier buckets measured that a new shape costs every contender nothing, a bucket's calibration makes
+    one untimed run of one backend, for the shape (the allocator growing for the larger batch: 25 ms more), instead
+    of a warm-up and a run on another shape per backend; no cost per shape is read off it."""
+    first = []
+
+    def cost(b, n):
+        first.append(b)
+        return (25.0 if len(first) == 1 else 0.0) + (10.0 if b == "sdpa" else 10.1) + 0.01 * (n % 2)
+
+    clock = _Clock(cost)
+    monkeypatch.setattr(calibrate, "time", clock)
+    reshaped = []
+    with torch.no_grad(), calibrate.without_warm_ups():
+        timings = calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch, torch.nn.Linear(1, 1),
+                                    torch.device("cpu"), reshaped.append)
+    assert reshaped == [] and clock.calls == {"flash_attention_2": calibrate.REPEATS, "sdpa": calibrate.REPEATS + 1}
+    assert timings["sdpa"].ms == pytest.approx(10.0, abs=0.01) and timings["sdpa"].runs == calibrate.REPEATS
+    assert timings["sdpa"].spread < calibrate.STEADY
+    assert all(t.warmup_ms == 0.0 and calibrate.shape_cost(t) == 0.0 for t in timings.values())
+    with torch.no_grad():  # outside the context: a warm-up and a run on another shape each, as before
+        calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch, torch.nn.Linear(1, 1),
+                          torch.device("cpu"), reshaped.append)
+    assert sorted(reshaped) == [1, 2]
+
+
 def _jitter(n):  # +-4% from run to run
     return 0.4 * (n % 3)
 
@@ -664,7 +690,7 @@ def test_cudnn_is_presumed_to_build_per_shape_until_a_bucket_whose_shapes_repeat
              for _ in range(calibrate.RECHECK_AFTER)]
     assert later[0].implementation == "sdpa:efficient" and timed[0] == ("sdpa:efficient", "sdpa:cudnn"), timed
     assert later[-1].implementation == "sdpa:cudnn" and later[-1].measured  # batch 50: one shape throughout
-    assert t.per_shape[key + (True,)]["sdpa:cudnn"] == pytest.approx(220 / 43)
+    assert t.shape_costs.runs[key + (True,)]["sdpa:cudnn"] == pytest.approx(220 / 43)
     t.decision(key, base, (True, 32, 65536, True), False, None, None, measure, exact=(32, 60000))
     assert "measured in an earlier bucket" in t.decisions[key + ((True, 32, 65536, True),)].summary()
 
@@ -672,8 +698,8 @@ def test_cudnn_is_presumed_to_build_per_shape_until_a_bucket_whose_shapes_repeat
 def test_a_kernel_measured_without_a_per_shape_cost_is_no_longer_presumed_to_have_one():
     t, base, measure, timed = _kernels_tuner()
     kind = ("cuda:0", "torch.bfloat16", True)
-    t._learn(kind[:2] + ((True, 8, 262144, True),), {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 44.0)})
-    assert "sdpa:cudnn" not in t.per_shape[kind]
+    t.shape_costs.learn(kind, {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 44.0)})
+    assert "sdpa:cudnn" not in t.shape_costs.runs[kind]
     t.decision(kind[:2], base, (True, 16, 131072, True), False, None, None, measure, exact=(16, 120000))
     assert timed == [("sdpa:cudnn", "sdpa:efficient")]
 
@@ -719,14 +745,46 @@ def test_later_buckets_inherit_a_backend_that_tied_for_the_lead_in_every_measure
     assert len(timed) == 3
 
 
+def test_buckets_after_one_that_measured_no_cost_per_shape_skip_the_warm_ups(monkeypatch, caplog):
+    """The first bucket warms flash-attn and the memory-efficient kernel up and runs each on another shape: neither
+    pays for a new shape. Later buckets of that device, dtype and mode time them without either run; a bucket with a
+    contender not measured so (SDPA's flash kernel, on a batch without padding) warms all of them up again."""
+    from espnet_flashcompat.attention import tuner
+
+    clock = _Clock(lambda b, n: 10.0 if b == "sdpa:efficient" else 10.1 if b == "flash_attention_2" else 10.05)
+    monkeypatch.setattr(calibrate, "time", clock)
+    monkeypatch.setattr(tuner, "INHERIT_AFTER", 9)  # every bucket measured
+    looks = []
+
+    def measure(contenders):
+        before, shapes = dict(clock.calls), []
+        with torch.no_grad():
+            timings = calibrate.measure(clock.forward, contenders, clock.switch, torch.nn.Linear(1, 1),
+                                        torch.device("cpu"), shapes.append)
+        looks.append((len(shapes), {b: clock.calls[b] - before.get(b, 0) for b in contenders}))
+        return timings
+
+    three = ("flash_attention_2", "sdpa:flash", "sdpa:efficient")
+    base = policy.AttnDecision("auto", three[0], (), "config", "cuda:0 bfloat16", three)
+    t, key = tuner.Tuner("test"), ("cuda:0", "torch.bfloat16")
+    with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
+        for bucket in ((True, 8, 262144, True), (True, 16, 131072, True), (True, 16, 131072, False)):
+            t.decision(key, base, bucket, False, None, None, measure, exact=bucket[1:3])
+    ragged = {b: calibrate.REPEATS + 1 for b in three if b != "sdpa:flash"}  # SDPA's flash kernel refuses the mask
+    assert looks[0] == (2, ragged)
+    assert looks[1] == (0, {"flash_attention_2": calibrate.REPEATS, "sdpa:efficient": calibrate.REPEATS + 1})
+    assert looks[2][0] == 3 and all(n > calibrate.REPEATS for n in looks[2][1].values()), looks
+    assert "no warm-up (a new shape costs none of them anything)" in caplog.text
+
+
 def test_what_a_shape_cost_is_kept_per_device_dtype_and_mode_under_ddp_too():
     from espnet_flashcompat.attention import tuner
 
     t = tuner.Tuner("test")
     timings = {"sdpa:cudnn": Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0)}
-    t._learn(("cuda:0", "torch.bfloat16", (True, 8, 262144, True)), timings)
-    t._learn(("cuda:0", "torch.bfloat16", False), timings)  # DDP: one bucket per train or eval
-    assert t.per_shape == {("cuda:0", "torch.bfloat16", True): {"sdpa:cudnn": pytest.approx(220 / 43)},
+    t.shape_costs.learn(tuner._kind(("cuda:0", "torch.bfloat16", (True, 8, 262144, True))), timings)
+    t.shape_costs.learn(tuner._kind(("cuda:0", "torch.bfloat16", False)), timings)  # DDP: a bucket per train or eval
+    assert t.shape_costs.runs == {("cuda:0", "torch.bfloat16", True): {"sdpa:cudnn": pytest.approx(220 / 43)},
                            ("cuda:0", "torch.bfloat16", False): {"sdpa:cudnn": pytest.approx(220 / 43)}}
 
 

@@ -5,6 +5,7 @@
 - ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch and keeps the fastest.
 - ``tuner``: when a frontend calibrates (per shape bucket, a first and a second look) and what it reuses instead.
 - ``frontend_buckets``: the shape buckets of a frontend's waveform batches.
+- ``shape_costs``: what a batch of a new shape costs each backend, learned bucket by bucket, and what that spares.
 - ``step_memory``: the memory cap against a step's peak, where the timed forward is a part of the step.
 - ``calibration_key``: what a calibration depends on (GPU, driver and library versions, the model's attention, the
   shape bucket, the contenders): the key it is kept under.

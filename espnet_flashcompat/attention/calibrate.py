@@ -14,16 +14,21 @@ times two frames shorter), right after its warm-up, takes above its runs, less w
 (the rest of the model's work on a new shape). Without ``reshaped``, the warm-up itself, which also holds the
 backend's first use in the process and the allocator's growth (on an H200, 0.7 to 1.4 s for SDPA's memory-efficient
 kernel's first use, 72 ms for a larger batch, neither paid again per shape).
+Within ``without_warm_ups()`` (the tuner's, where earlier buckets measured that a new shape costs every contender
+nothing) there is neither: one untimed run of one backend warms the batch's shape up for all (the rest of the
+model's first work on it, the allocator's growth), and none is charged for it.
 The caller names the batch shapes one decision stands for (``frontend_buckets``, ``espnet.model_calibration``).
 CUDA only: peak memory is not measurable on CPU.
 """
 
+import contextlib
+import contextvars
 import math
 import statistics
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterable, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, Iterator, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -67,6 +72,9 @@ _T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8:
         15: 1.753, 20: 1.725, 25: 1.708}  # one-sided 95% quantiles of Student's t by degrees of freedom
 
 
+_WARM_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("warm_up", default=True)  # see without_warm_ups
+
+
 @dataclass(frozen=True)
 class Timing:
     backend: str
@@ -74,7 +82,7 @@ class Timing:
     peak_bytes: int  # peak allocated above the memory in use before the run
     spread: float = 0.0  # (second slowest - fastest) / fastest over the timed runs: how steady the backend is
     runs: int = 0  # timed runs
-    warmup_ms: float = 0.0  # the untimed first run: kernels built or loaded for this shape, allocator growth
+    warmup_ms: float = 0.0  # the untimed first run: kernels built or loaded for this shape, allocator growth (0: none)
     new_shape_ms: float = 0.0  # a run on a new shape after the warm-up, less what all paid alike (0: not measured)
 
     def __str__(self) -> str:
@@ -97,6 +105,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     failed: Dict[str, str] = {}
     outrun: Set[str] = set()
     new_shape: Dict[str, float] = dict.fromkeys(backends, 0.0)
+    warm_up = _WARM_UP.get()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for round_ in range(MAX_RUNS + 1):  # round 0 warms up; the order alternates from round to round
@@ -104,12 +113,13 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                     outrun |= _outrun(times, peaks, set(failed) | outrun)
                 if round_ > REPEATS and decided(times, peaks, set(failed) | outrun):
                     break
-                for backend in (backends if round_ % 2 else backends[::-1]):
+                order = backends if round_ % 2 else backends[::-1]
+                for backend in (order if round_ or warm_up else order[:1]):
                     if backend in failed or backend in outrun:
                         continue
                     try:
                         ms, peak = _run_once(forward, backend, switch, trainable, device)
-                        if not round_ and reshaped is not None:
+                        if not round_ and reshaped is not None and warm_up:
                             k = backends.index(backend) + 1
                             new_shape[backend] = _run_once(lambda: reshaped(k), backend, switch, trainable,
                                                            device)[0]
@@ -119,7 +129,7 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
                         continue
                     if round_:
                         times[backend].append(ms)
-                    else:
+                    elif warm_up:
                         warmups[backend] = ms
                     peaks[backend] = max(peaks[backend], held + peak)
     finally:
@@ -131,6 +141,17 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
     alike = min((new_shape[b] - _timing(b, times[b], 0).ms for b in ran), default=0.0)  # the rest of the model
     new_shape = {b: max(new_shape[b] - max(alike, 0.0), 0.0) if b in ran else 0.0 for b in backends}
     return {b: failed.get(b) or _timing(b, times[b], peaks[b], warmups[b], new_shape[b]) for b in backends}
+
+
+@contextlib.contextmanager
+def without_warm_ups() -> Iterator[None]:
+    """``measure()`` warms up no backend of its own and runs none on another shape within this context: one run of
+    one backend, untimed, warms the batch's shape up for all."""
+    token = _WARM_UP.set(False)
+    try:
+        yield
+    finally:
+        _WARM_UP.reset(token)
 
 
 def release(exc: BaseException) -> None:
@@ -244,7 +265,8 @@ def _tensors(out) -> Iterable[torch.Tensor]:
 def shape_cost(t: Timing) -> float:
     """What ``t``'s backend pays on a batch of a new shape beyond a run's time (ms): the excess of its run on another
     shape after the warm-up (else of the warm-up itself), when that is above (1 + SHAPE_COST) runs (cuDNN's attention
-    builds a graph per sequence length); else 0 (a little slower than the runs is the allocator or the clocks)."""
+    builds a graph per sequence length); else 0 (a little slower than the runs is the allocator or the clocks; none
+    for a backend measured without a warm-up)."""
     extra = (t.new_shape_ms or t.warmup_ms) - t.ms
     return extra if extra > SHAPE_COST * t.ms else 0.0
 

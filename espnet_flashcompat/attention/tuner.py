@@ -11,10 +11,10 @@ every rank measures or every rank reads the store (``ranks`` shares what each fo
 The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
 It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend that
 builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1 at the
-first batch itself: length-sorted batches seldom repeat a shape); and once a bucket has shown what a new shape costs
-a backend, later buckets of the same device, dtype and train or eval do not time it where that cost would be more
-than ``calibrate.SKIP_SHAPE_COST`` runs per batch (``_builders``), until a second look finds their shapes repeating;
-cuDNN's attention is presumed to pay so before any bucket measured it (``sdpa_kernels.PRESUMED_SHAPE_COST``). Once
+first batch itself: length-sorted batches seldom repeat a shape); what each bucket shows a new shape costs a backend
+is kept for the later buckets of the same device, dtype and train or eval (``shape_costs``), which then do not time
+a backend that would pay more than ``calibrate.SKIP_SHAPE_COST`` runs per batch for it (cuDNN's attention, presumed
+to until a bucket measures it), and warm none up where every contender was measured to pay nothing. Once
 two buckets of a device, dtype and train or eval have been measured and one backend was within the tie margin of the
 fastest in every one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the
 ranking does not change with the batch's size. Where the timed forward is a part of a step (ESPnet's attention
@@ -23,13 +23,14 @@ out for its memory picks again at its second batch, untimed: each peak counted o
 besides the backend that ran (``step_memory``), so that the 1.1x cap is the step's, not the attention's own.
 """
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
 from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
 from espnet_flashcompat.attention import (calibrate, calibration_key, frontend_buckets, ranks, sdpa_kernels,
-                                          step_memory, store)
+                                          shape_costs, step_memory, store)
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 
 INHERIT_AFTER = 2  # measured buckets of one device, dtype and train or eval that must agree before others inherit
@@ -52,12 +53,10 @@ class Tuner:
         self.settled: Set[Tuple] = set()  # buckets whose store entry came from a second look: no more timing
         self.keys: Dict[Tuple, Optional[calibration_key.Key]] = {}  # each bucket's key in the calibration store
         self.shapes: Dict[Tuple, Set[Optional[Tuple]]] = {}  # the exact batch shapes each bucket has seen
-        # (device, dtype, train or eval) -> backend -> what a new batch shape cost it in an earlier bucket, in runs
-        self.per_shape: Dict[Tuple, Dict[str, float]] = {}
+        self.shape_costs = shape_costs.ShapeCosts()  # what a new batch shape costs each backend, learned
         self.skipped: Dict[Tuple, Set[str]] = {}  # the contenders each bucket's last look did not time for that
         # each measured (or stored) bucket's pick and the backends that tied with it, which later buckets may inherit
         self.picks: Dict[Tuple, Tuple[str, FrozenSet[str]]] = {}
-        self.measured_shape_cost: Set[Tuple] = set()  # (device, dtype, train or eval, backend) timed on a new shape
 
     def decision(self, key: Tuple, static: AttnDecision, shape: Tuple, together: bool, model, device,
                  measure: Callable, exact: Optional[Tuple] = None) -> AttnDecision:
@@ -82,12 +81,11 @@ class Tuner:
 
     def forget(self, key: Tuple) -> None:
         """Drop every bucket of ``key`` (a run-time fallback moved that device and dtype off calibration)."""
-        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.per_shape,
-                      self.skipped, self.picks):
+        for table in (self.decisions, self.seen, self.timings, self.keys, self.shapes, self.skipped, self.picks):
             for bucket in [b for b in table if b[:2] == key]:
                 del table[bucket]
         self.settled = {b for b in self.settled if b[:2] != key}
-        self.measured_shape_cost = {m for m in self.measured_shape_cost if m[:2] != key}
+        self.shape_costs.forget(key)
 
     def _calibrate(self, bucket, decision, shape, together, model, device, measure, seen,
                    share: float = 1.0) -> AttnDecision:
@@ -119,7 +117,7 @@ class Tuner:
                 store.release(key)  # nothing measured, nothing saved: processes waiting on this key go ahead
                 return inherited
         # DDP ranks skip alike: the per-shape costs are learned from the merged timings, the share is agreed
-        skipped = self._builders(bucket, contenders, share)
+        skipped = self.shape_costs.skipped(_kind(bucket), contenders, share)
         self.skipped[bucket] = {r.backend for r in skipped}
         decision = replace(decision, rejected=decision.rejected + tuple(skipped))
         contenders = tuple(b for b in contenders if b not in {r.backend for r in skipped})
@@ -132,15 +130,18 @@ class Tuner:
         try:
             ran = self.decisions.get(bucket)  # what the bucket's batches ran since its first look
             step = self._peak(together) if ran is not None and self.step_peak is not None else None
+            timed = contenders or (decision.implementation,)
             start = time.perf_counter()
-            timings = measure(contenders or (decision.implementation,))
+            warm = self.shape_costs.costs_a_shape(_kind(bucket), timed)
+            with contextlib.nullcontext() if warm else calibrate.without_warm_ups():
+                timings = measure(timed)
             cost = time.perf_counter() - start
             if together:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
             timings = step is not None and step_memory.on_top_of(timings, ran.implementation, step) or timings
             measured = calibrate.pick(timings, decision, where, share) or decision
-            self._learn(bucket, timings)
+            self.shape_costs.learn(_kind(bucket), timings)
             if measured.measured:
                 self.picks[bucket] = (measured.implementation,
                                       calibrate.tied(timings, measured.implementation, share))
@@ -190,41 +191,6 @@ class Tuner:
         shapes = self.shapes.get(bucket, {None})
         return 1.0 if seen == 1 or None in shapes else (len(shapes) - 1) / (seen - 1)
 
-    def _learn(self, bucket, timings) -> None:
-        """Keep what a new shape cost each backend here, relative to its runs, for the later buckets of this device,
-        dtype and train or eval: the first measurement replaces the presumed cost, later ones keep the lowest."""
-        known = self._known(bucket)
-        for t in timings.values():
-            if isinstance(t, calibrate.Timing) and t.ms > 0:
-                cost = calibrate.shape_cost(t) / t.ms
-                presumed = (_kind(bucket), t.backend) not in self.measured_shape_cost
-                self.measured_shape_cost.add((_kind(bucket), t.backend))
-                if cost:
-                    known[t.backend] = cost if presumed else min(known.get(t.backend, cost), cost)
-                else:
-                    known.pop(t.backend, None)
-
-    def _builders(self, bucket, contenders, new_shapes: float) -> list:
-        """Rejections of the contenders not worth timing: a new shape costs them more than
-        ``calibrate.SKIP_SHAPE_COST`` runs at this bucket's share of new shapes, presumed or shown by an earlier bucket
-        (cuDNN's attention where lengths vary); one contender at least stays."""
-        known = self._known(bucket)
-        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SKIP_SHAPE_COST]
-        if len(out) == len(contenders):
-            out = out[1:]
-        return [Rejection(b, f"a new batch shape costs it {known[b]:.1f}x its run time ({self._why(bucket, b)}), "
-                             f"and {new_shapes:.0%} of this bucket's batches had a new shape: not timed") for b in out]
-
-    def _known(self, bucket) -> Dict[str, float]:
-        """Backend -> what a new batch shape costs it, in runs, on this bucket's device, dtype and train or eval:
-        presumed (``sdpa_kernels.PRESUMED_SHAPE_COST``) until a bucket measures it."""
-        return self.per_shape.setdefault(_kind(bucket), dict(sdpa_kernels.PRESUMED_SHAPE_COST))
-
-    def _why(self, bucket, backend) -> str:
-        if (_kind(bucket), backend) in self.measured_shape_cost:
-            return "measured in an earlier bucket"
-        return "presumed until a bucket measures it: it builds a graph per sequence length"
-
     def _inherited(self, bucket, decision, contenders, where) -> Optional[AttnDecision]:
         """A backend that was within the tie margin of the fastest in each of the ``INHERIT_AFTER`` or more buckets of
         this device, dtype and train or eval measured so far and can take this bucket's shape (the latest pick if it
@@ -261,7 +227,7 @@ class Tuner:
         if not stored:  # a miss: this process now holds the key's claim until it saves what it measures
             return None
         self.timings[bucket] = timings
-        self._learn(bucket, timings)  # as the process that measured them learned: later buckets skip alike
+        self.shape_costs.learn(_kind(bucket), timings)  # as the process that measured them: later buckets skip alike
         if batch >= calibrate.RECHECK_AFTER:
             self.settled.add(bucket)
         logger.info("%s: %s (from the calibration store: measured at batch %d of its bucket; %s)", self.name,
@@ -277,7 +243,8 @@ class Tuner:
         close = calibrate.close_contenders(timings, first.implementation) or (first.implementation,)
         skipped = {r.backend: r.reason for r in first.rejected if r.backend in self.skipped.get(bucket, ())}
         # shapes repeat after all (``share``, the share of new shapes, agreed by every rank under DDP): time them now
-        close += tuple(b for b in skipped if not self._builders(bucket, (b, first.implementation), share))
+        close += tuple(b for b in skipped if not self.shape_costs.skipped(_kind(bucket), (b, first.implementation),
+                                                                          share))
         if len(close) < 2:
             return None
         why = {b: f"not within {calibrate.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
@@ -296,6 +263,8 @@ def _kind(bucket: Tuple) -> Tuple:
 def _spent(timings: Dict) -> str:
     """Where a calibration's time went: the warm-ups (kernels built or loaded for a new shape) and the timed runs."""
     ran = [t for t in timings.values() if isinstance(t, calibrate.Timing)]
+    if not any(t.warmup_ms for t in ran):
+        return f": {sum(t.runs for t in ran)} timed runs, no warm-up (a new shape costs none of them anything)"
     warm = sum(t.warmup_ms for t in ran) / 1e3
     timed = sum(t.runs * t.ms for t in ran) / 1e3
     coldest = max(ran, key=lambda t: t.warmup_ms, default=None)
