@@ -11,8 +11,8 @@ kernel that refuses the batch says why in its cell).
 
 ``auto`` is what ``attn_implementation: auto`` picks for that model, device, dtype and row, as the frontend does
 it: the policy (``policy.decide``) names the contenders (flash_attention_2 and SDPA's kernels), calibration
-(``calibrate.measure`` on that row's batch, then ``calibrate.pick``) picks on the first batch of the bucket, the
-pick runs ``calibrate.RECHECK_AFTER`` - 2 more steps, and calibration picks again on the next: that second pick is
+(``calibrate.measure`` on that row's batch, then ``choice.pick``) picks on the first batch of the bucket, the
+pick runs ``tuner.RECHECK_AFTER`` - 2 more steps, and calibration picks again on the next: that second pick is
 timed like the others. Both go through the frontend's own ``tuner.Tuner`` (SDPA's flash kernel skipped on ragged
 batches, racing, the second look timing only close contenders) with a new calibration store. *picked / best*
 compares the picked backend's own column with the row's best: by median, by mean (what training pays), and the 95%
@@ -128,7 +128,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
     """What the frontend's calibration gives at the ``batch``-th batch of this row's bucket, through the frontend's
     own ``tuner.Tuner`` (the shape check, racing, the second look, the calibration store):
     (decision, {backend: timing or error} of what was timed, wall seconds the tuner took, seconds of warm-ups)."""
-    from espnet_flashcompat.attention import calibrate, frontend_buckets, sdpa_kernels
+    from espnet_flashcompat.attention import calibrate, choice, frontend_buckets, sdpa_kernels
 
     if not decision.contenders:
         return decision, {}, 0.0, 0.0
@@ -147,7 +147,7 @@ def calibrated_choice(model, decision, x, mask, train: bool, tuner, batch: int =
         timings = calibrate.measure(forward, contenders, switch, model, x.device,
                                     lambda k: forward(k * frontend_buckets.NEW_SHAPE_CUT))
         timed.update({b: str(t) for b, t in timings.items()})
-        warm[0] += sum(t.warmup_ms for t in timings.values() if isinstance(t, calibrate.Timing)) / 1e3
+        warm[0] += sum(t.warmup_ms for t in timings.values() if isinstance(t, choice.Timing)) / 1e3
         return timings
 
     lengths = mask.sum(-1) if mask is not None else torch.full((x.shape[0],), x.shape[-1], device=x.device)
@@ -190,7 +190,7 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         x, mask = make_batch(seconds, ragged, dtype)
         # As the frontend: calibrate on the first batch of the bucket, train on the pick until the bucket's
         # RECHECK_AFTER-th batch, calibrate again there, and keep that pick (the auto column)
-        from espnet_flashcompat.attention import calibrate, store, tuner
+        from espnet_flashcompat.attention import store, tuner
 
         # First run: a new store; second run: a new process's tuner over the same store
         store_dir = tempfile.mkdtemp(prefix="attention_matrix_store_")
@@ -201,17 +201,17 @@ def run_model(kind, cases, backends, dtype, warmup, iters, rounds, max_rounds):
         if decision.contenders:
             set_backend(model, first.implementation)
             warm = step_fn(model, x, mask, train, first.implementation, strict=False)
-            for _ in range(calibrate.RECHECK_AFTER - 2):
+            for _ in range(tuner.RECHECK_AFTER - 2):
                 warm()
         picked, calibration, recheck_cost, recheck_warm = calibrated_choice(model, decision, x, mask, train,
-                                                                            first_tuner, calibrate.RECHECK_AFTER)
+                                                                            first_tuner, tuner.RECHECK_AFTER)
         again = tuner.Tuner("benchmark")
         second_run = [calibrated_choice(model, decision, x, mask, train, again, n)[2]
-                      for n in (1, calibrate.RECHECK_AFTER)]
+                      for n in (1, tuner.RECHECK_AFTER)]
         shutil.rmtree(store_dir, ignore_errors=True)
         logger.info("%s %gs%s %s: first batch %s -> %s; batch %d %s -> %s", kind, seconds,
                     " ragged" if ragged else "", "train" if train else "inference", first_calibration,
-                    first.implementation, calibrate.RECHECK_AFTER, calibration, picked.implementation)
+                    first.implementation, tuner.RECHECK_AFTER, calibration, picked.implementation)
         cells = {b: {"times": [], "peak": 0} for b in (*backends, "auto")}
         r = 0  # ``rounds`` rounds, then more (up to ``max_rounds``) while a column is not stable
         while r < rounds or (r < max_rounds and any(spread(c["times"]) > STABLE for c in cells.values() if c["times"])):

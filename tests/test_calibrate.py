@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from espnet_flashcompat.attention import calibrate, frontend_buckets, policy, sdpa_kernels
-from espnet_flashcompat.attention.calibrate import Timing
+from espnet_flashcompat.attention import calibrate, choice, frontend_buckets, policy, sdpa_kernels, tuner
+from espnet_flashcompat.attention.choice import Timing
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 
 GIB = 2**30
@@ -20,7 +20,7 @@ BASE = policy.AttnDecision("auto", "flash_attention_2", (), "config", "cuda:0 bf
 
 
 def _pick(**timings):
-    return calibrate.pick({b: (t if isinstance(t, str) else Timing(b, *t)) for b, t in timings.items()}, BASE, "x")
+    return choice.pick({b: (t if isinstance(t, str) else Timing(b, *t)) for b, t in timings.items()}, BASE, "x")
 
 
 def test_fastest_wins():
@@ -146,7 +146,7 @@ def test_a_backend_that_stalls_now_and_then_pays_for_it(monkeypatch):
     flash = [30.0 if n % 3 == 0 else 6.0 for n in range(2, calls["flash_attention_2"] + 1)]  # call 1 warms up
     assert len(flash) >= calibrate.UNSTEADY_RUNS
     assert timings["flash_attention_2"].ms == pytest.approx(sum(sorted(flash)[:-1]) / (len(flash) - 1))
-    assert timings["flash_attention_2"].ms > 8.0 * (1 + calibrate.TIME_NOISE)
+    assert timings["flash_attention_2"].ms > 8.0 * (1 + choice.TIME_NOISE)
     assert timings["flash_attention_2"].spread == pytest.approx(4.0) and timings["sdpa"].spread == pytest.approx(0)
     assert timings["flash_attention_2"].runs == len(flash)
     assert _pick(**{b: (t.ms, GIB) for b, t in timings.items()}).implementation == "sdpa"
@@ -169,8 +169,8 @@ def test_a_cost_per_shape_is_what_a_run_on_another_shape_takes_after_the_warm_up
     with torch.no_grad():
         timings = calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch, torch.nn.Linear(1, 1),
                                     torch.device("cpu"), reshaped)
-    assert calibrate.shape_cost(timings["sdpa"]) == pytest.approx(220.0)
-    assert calibrate.shape_cost(timings["flash_attention_2"]) == 0.0
+    assert choice.shape_cost(timings["sdpa"]) == pytest.approx(220.0)
+    assert choice.shape_cost(timings["flash_attention_2"]) == 0.0
     assert all(t.warmup_ms == pytest.approx(1000.0) for t in timings.values())
     assert "+ 220 ms per new shape" in str(timings["sdpa"]) and sorted(shapes) == [1, 2]  # a shape each
 
@@ -193,8 +193,8 @@ def test_without_warm_ups_one_run_warms_the_shape_up_for_all(monkeypatch):
                                     torch.device("cpu"), reshaped.append)
     assert reshaped == [] and clock.calls == {"flash_attention_2": calibrate.REPEATS, "sdpa": calibrate.REPEATS + 1}
     assert timings["sdpa"].ms == pytest.approx(10.0, abs=0.01) and timings["sdpa"].runs == calibrate.REPEATS
-    assert timings["sdpa"].spread < calibrate.STEADY
-    assert all(t.warmup_ms == 0.0 and calibrate.shape_cost(t) == 0.0 for t in timings.values())
+    assert timings["sdpa"].spread < choice.STEADY
+    assert all(t.warmup_ms == 0.0 and choice.shape_cost(t) == 0.0 for t in timings.values())
     with torch.no_grad():  # outside the context: a warm-up and a run on another shape each, as before
         calibrate.measure(clock.forward, ("flash_attention_2", "sdpa"), clock.switch, torch.nn.Linear(1, 1),
                           torch.device("cpu"), reshaped.append)
@@ -278,8 +278,8 @@ def test_the_second_look_times_only_the_backends_close_to_the_first_pick():
                "flash_attention_2": Timing("flash_attention_2", 125.0, GIB),
                "sdpa:flash": "sdpa:flash cannot run this batch: ...",
                "eager": Timing("eager", 101.0, 3 * GIB)}  # close in time, far above the memory cap
-    assert calibrate.close_contenders(timings, "sdpa:cudnn") == ("sdpa:cudnn", "sdpa:efficient")
-    assert calibrate.close_contenders({"sdpa": Timing("sdpa", 1.0, 0)}, "sdpa") == ("sdpa",)
+    assert choice.close_contenders(timings, "sdpa:cudnn") == ("sdpa:cudnn", "sdpa:efficient")
+    assert choice.close_contenders({"sdpa": Timing("sdpa", 1.0, 0)}, "sdpa") == ("sdpa",)
 
 
 def test_sdpas_flash_kernel_is_not_timed_on_a_ragged_batch():
@@ -537,8 +537,8 @@ def test_a_refusal_names_the_kernels_own_reason_not_the_pins():
 def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders, monkeypatch, caplog):
     """The first batch of a bucket is a cold run's: calibration looks again at batch ``RECHECK_AFTER`` of that
     bucket (here 4), once, and the frontend keeps that pick."""
-    monkeypatch.setattr(calibrate, "RECHECK_AFTER", 4)
-    monkeypatch.setattr(calibrate, "RECHECK_MARGIN", 100.0)  # on CPU eager may trail sdpa by more than 10%
+    monkeypatch.setattr(tuner, "RECHECK_AFTER", 4)
+    monkeypatch.setattr(choice, "RECHECK_MARGIN", 100.0)  # on CPU eager may trail sdpa by more than 10%
     x, lengths = _batch()
     auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
     with caplog.at_level(logging.INFO, logger="espnet_flashcompat"):
@@ -553,7 +553,7 @@ def test_each_bucket_is_timed_again_once_the_run_is_warm(hf_conf, cpu_contenders
 def test_the_second_look_is_skipped_when_nothing_came_close(hf_conf, cpu_contenders, monkeypatch, caplog):
     """With no backend within RECHECK_MARGIN of the first pick, batch ``RECHECK_AFTER`` runs on that pick untimed;
     with one close, only the close ones are timed again and the others keep their first-look reason."""
-    monkeypatch.setattr(calibrate, "RECHECK_AFTER", 3)
+    monkeypatch.setattr(tuner, "RECHECK_AFTER", 3)
     x, lengths = _batch()
     runs = []
     real_measure = calibrate.measure
@@ -568,7 +568,7 @@ def test_the_second_look_is_skipped_when_nothing_came_close(hf_conf, cpu_contend
     for margin, expected in ((-1.0, 1), (100.0, 2)):
         runs.clear()
         store.clear()  # else the second frontend finds the first one's calibration
-        monkeypatch.setattr(calibrate, "RECHECK_MARGIN", margin)
+        monkeypatch.setattr(choice, "RECHECK_MARGIN", margin)
         auto = S3prlFlashCompatFrontend(frontend_conf=hf_conf).train()
         for _ in range(4):
             auto(x, lengths)
@@ -585,8 +585,8 @@ def test_a_later_frontend_takes_the_calibration_from_the_store(hf_conf, cpu_cont
     decode job) measures nothing and runs the same backend. A pick kept from the second look settles the bucket."""
     from espnet_flashcompat.attention import store
 
-    monkeypatch.setattr(calibrate, "RECHECK_AFTER", 3)
-    monkeypatch.setattr(calibrate, "RECHECK_MARGIN", 100.0)
+    monkeypatch.setattr(tuner, "RECHECK_AFTER", 3)
+    monkeypatch.setattr(choice, "RECHECK_MARGIN", 100.0)
     timed = []
     real_measure = calibrate.measure
     monkeypatch.setattr(calibrate, "measure", lambda f, backends, *a: timed.append(backends) or real_measure(f, backends, *a))
@@ -629,13 +629,13 @@ def test_a_backend_that_builds_per_shape_pays_for_it_where_shapes_change():
     counts and a kernel 2% slower per run wins; where the shape repeats, it does not."""
     cudnn = Timing("sdpa:cudnn", 43.0, GIB, 0.01, 9, 263.0)
     efficient = Timing("sdpa:efficient", 44.0, GIB, 0.01, 9, 47.0)  # its warm-up only a little slower: no cost
-    assert calibrate.shape_cost(cudnn) == pytest.approx(220.0) and calibrate.shape_cost(efficient) == 0.0
+    assert choice.shape_cost(cudnn) == pytest.approx(220.0) and choice.shape_cost(efficient) == 0.0
     base = policy.AttnDecision("auto", "sdpa:cudnn", (), "config", "cuda:0 bfloat16", ("sdpa:cudnn", "sdpa:efficient"))
     timings = {"sdpa:cudnn": cudnn, "sdpa:efficient": efficient}
-    changing = calibrate.pick(timings, base, "x", new_shapes=1.0)
+    changing = choice.pick(timings, base, "x", new_shapes=1.0)
     assert changing.implementation == "sdpa:efficient"
     assert "220 ms per new batch shape" in changing.summary() and "+ 220 ms per new shape" in changing.summary()
-    assert calibrate.pick(timings, base, "x", new_shapes=0.0).implementation == "sdpa:cudnn"
+    assert choice.pick(timings, base, "x", new_shapes=0.0).implementation == "sdpa:cudnn"
 
 
 def test_the_tuner_counts_the_new_shapes_of_each_bucket():
@@ -646,7 +646,7 @@ def test_the_tuner_counts_the_new_shapes_of_each_bucket():
     pair = ("flash_attention_2", "sdpa:efficient")  # neither presumed to build per shape: both timed at batch 1
     base = policy.AttnDecision("auto", pair[0], (), "config", "cuda:0 bfloat16", pair)
     timings = {pair[0]: Timing(pair[0], 43.0, GIB, 0.01, 9, 263.0), pair[1]: Timing(pair[1], 55.0, GIB, 0.01, 9, 58.0)}
-    real_pick = calibrate.pick
+    real_pick = choice.pick
 
     def pick(timings, base, where, new_shapes=1.0):
         shares.append(new_shapes)
@@ -655,10 +655,10 @@ def test_the_tuner_counts_the_new_shapes_of_each_bucket():
     bucket = (True, 8, 262144, True)
     import unittest.mock
 
-    with unittest.mock.patch.object(calibrate, "pick", pick):
+    with unittest.mock.patch.object(choice, "pick", pick):
         picks = [t.decision(("cuda:0", "torch.bfloat16"), base, bucket, False, None, None, lambda c: dict(timings),
-                            exact=(8, 160000 + 320 * (i % 2))).implementation for i in range(calibrate.RECHECK_AFTER)]
-    assert shares == [1.0, 1 / (calibrate.RECHECK_AFTER - 1)]  # batch 50: 1 new shape in the 49 after the first
+                            exact=(8, 160000 + 320 * (i % 2))).implementation for i in range(tuner.RECHECK_AFTER)]
+    assert shares == [1.0, 1 / (tuner.RECHECK_AFTER - 1)]  # batch 50: 1 new shape in the 49 after the first
     assert picks[0] == "sdpa:efficient" and picks[-1] == "flash_attention_2"  # 43 + 2% of 220 ms < 55 ms
 
 
@@ -687,7 +687,7 @@ def test_cudnn_is_presumed_to_build_per_shape_until_a_bucket_whose_shapes_repeat
     assert timed == [] and first.implementation == "sdpa:efficient" and not first.measured
     assert "presumed until a bucket measures it" in first.summary() and "only contender left" in caplog.text
     later = [t.decision(key, base, (True, 16, 131072, True), False, None, None, measure, exact=(16, 120000))
-             for _ in range(calibrate.RECHECK_AFTER)]
+             for _ in range(tuner.RECHECK_AFTER)]
     assert later[0].implementation == "sdpa:efficient" and timed[0] == ("sdpa:efficient", "sdpa:cudnn"), timed
     assert later[-1].implementation == "sdpa:cudnn" and later[-1].measured  # batch 50: one shape throughout
     assert t.shape_costs.runs[key + (True,)]["sdpa:cudnn"] == pytest.approx(220 / 43)
@@ -731,7 +731,7 @@ def test_later_buckets_inherit_a_backend_that_tied_for_the_lead_in_every_measure
     run(t, buckets[:2], [flash, flash])
     with caplog.at_level(logging.INFO):
         third = [t.decision(key, base, buckets[2], False, None, None, measure, exact=buckets[2][1:3] + (i,))
-                 for i in range(calibrate.RECHECK_AFTER)]
+                 for i in range(tuner.RECHECK_AFTER)]
     assert len(timed) == 2 and all(d.implementation == "flash_attention_2" for d in third)
     assert "within 2% of the fastest in each of the 2 buckets" in caplog.text
     eval_bucket = (False,) + buckets[2][1:]  # another mode: measured
@@ -811,7 +811,7 @@ def test_a_site_picks_again_at_its_second_batch_with_the_memory_cap_against_the_
     assert first.implementation == pair[0] and "1.11x the leanest" in first.summary()
     with caplog.at_level(logging.INFO):
         picks = [t.decision(key, base, bucket, False, None, None, measure, exact=(8, 4000 - i)).implementation
-                 for i in range(1, calibrate.RECHECK_AFTER)]
+                 for i in range(1, tuner.RECHECK_AFTER)]
     assert picks == [pair[1]] * len(picks) and len(timed) == 2, (picks, timed)
     assert "picked again from the first look's timings: flash_attention_2 before" in caplog.text
     assert "memory against the step's peak of 3.30 GiB" in caplog.text

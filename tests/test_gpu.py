@@ -264,10 +264,10 @@ def test_a_native_hubert_runs_sdpas_kernel_without_per_length_builds(hubert_upst
     length and is not timed, so the memory-efficient kernel runs, unmeasured, and returns what a strict pin of it
     returns; at the second look (batch 3 here), whose batches repeated one shape, cuDNN is timed beside it."""
     result = scenario(r'''
-from espnet_flashcompat.attention import calibrate, sdpa_kernels
+from espnet_flashcompat.attention import sdpa_kernels, tuner
 from espnet_flashcompat.frontend import S3prlFlashCompatFrontend
 
-calibrate.RECHECK_AFTER = 3
+tuner.RECHECK_AFTER = 3
 conf = {"upstream": "hubert_local", "path_or_url": UPSTREAM}
 
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from espnet_flashcompat.attention import calibrate, policy, ranks
-from espnet_flashcompat.attention.calibrate import Timing
+from espnet_flashcompat.attention import calibrate, choice, policy, ranks
+from espnet_flashcompat.attention.choice import Timing
 from faults import run
 
 FLASH, SDPA = policy.FLASH, policy.SDPA
@@ -23,10 +23,10 @@ def test_merge_takes_the_slowest_rank_and_lets_any_rank_veto():
     slow_flash = {FLASH: Timing(FLASH, 95.0, 8 << 30, 0.09), SDPA: Timing(SDPA, 85.0, 17 << 29, 0.01)}
     merged = ranks.merge([fast_flash, slow_flash])
     assert merged[FLASH] == Timing(FLASH, 95.0, 8 << 30, 0.09) and merged[SDPA] == Timing(SDPA, 85.0, 17 << 29, 0.01)
-    assert calibrate.pick(merged, BASE, "train").implementation == SDPA  # rank 0 alone would have kept flash
+    assert choice.pick(merged, BASE, "train").implementation == SDPA  # rank 0 alone would have kept flash
     vetoed = ranks.merge([fast_flash, {FLASH: "Tesla T4 is sm_75", SDPA: Timing(SDPA, 90.0, 9 << 30, 0.0)}])
     assert vetoed[FLASH] == "rank 1: Tesla T4 is sm_75"
-    decision = calibrate.pick(vetoed, BASE, "train")
+    decision = choice.pick(vetoed, BASE, "train")
     assert decision.implementation == SDPA
     assert policy.Rejection(FLASH, "failed during calibration: rank 1: Tesla T4 is sm_75") in decision.rejected
     assert ranks.merge([{SDPA: Timing(SDPA, 1.0, 1)}, {}])[SDPA] == "rank 1: not a contender there"
@@ -112,7 +112,7 @@ def main(rank, scenario, world, init, tiny, device, out):
         # The memory cap against the step's peak at a bucket's second batch: rank 0's step holds little besides the
         # attention (flash-attn alone fits), rank 1's much (the memory-efficient kernel fits too): one decision.
         from espnet_flashcompat.attention import tuner
-        from espnet_flashcompat.attention.calibrate import Timing
+        from espnet_flashcompat.attention.choice import Timing
         gib = 2 ** 30
         ms = {"flash_attention_2": 11.0, "sdpa:efficient": 10.6}
         peaks = {"flash_attention_2": int(0.81 * gib), "sdpa:efficient": int(0.90 * gib)}

@@ -63,15 +63,15 @@ def test_round_trip(store_dir):
 
 
 def test_round_trip_of_the_calibration_objects():
-    """A stored calibration gives back the timings and the very decision that ``calibrate.pick`` made."""
-    from espnet_flashcompat.attention import calibrate, policy
+    """A stored calibration gives back the timings and the very decision that ``choice.pick`` made."""
+    from espnet_flashcompat.attention import choice, policy
 
     base = policy.AttnDecision("auto", "flash_attention_2", (policy.Rejection("eager", "never contends"),), "config",
                                "cuda:0 bfloat16", KEY.contenders)
-    timings = {"flash_attention_2": calibrate.Timing("flash_attention_2", 34.8, 2**30, 0.02),
-               "sdpa:cudnn": calibrate.Timing("sdpa:cudnn", 25.3, 2**30, 0.01),
+    timings = {"flash_attention_2": choice.Timing("flash_attention_2", 34.8, 2**30, 0.02),
+               "sdpa:cudnn": choice.Timing("sdpa:cudnn", 25.3, 2**30, 0.01),
                "sdpa:efficient": "RuntimeError: No available kernel"}
-    measured = calibrate.pick(timings, base, "train, first batch")
+    measured = choice.pick(timings, base, "train, first batch")
     assert store.save(KEY, store.Entry.of(measured, timings, cost_s=4.9))
     entry = store.load(KEY)
     assert entry.pick == "sdpa:cudnn" and entry.cost_s == 4.9 and entry.version and entry.written

@@ -2,7 +2,8 @@
 
 - ``policy``: the policy. ``decide()`` checks each backend (flash_attention_2, sdpa, eager) against the request, the
   device, the dtype and the upstream, and gives a reason for every one it rejects; ``apply()`` switches a model.
-- ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch and keeps the fastest.
+- ``calibrate``: ``auto`` on CUDA times the backends that pass on the real batch.
+- ``choice``: timings, and the rule that picks from them (the fastest within the memory cap, the leaner of a tie).
 - ``tuner``: when a frontend calibrates (per shape bucket, a first and a second look) and what it reuses instead.
 - ``frontend_buckets``: the shape buckets of a frontend's waveform batches.
 - ``shape_costs``: what a batch of a new shape costs each backend, learned bucket by bucket, and what that spares.

@@ -60,7 +60,7 @@ class AttnDecision:
     source: str = "config"  # config | env
     context: str = ""  # "cuda:0 bfloat16", or "" before the device is known
     contenders: Tuple[str, ...] = ()  # auto on CUDA: the healthy backends calibration chooses among
-    measured: bool = False  # chosen by timing the contenders (calibrate.pick)
+    measured: bool = False  # chosen by timing the contenders (choice.pick)
 
     @property
     def downgraded(self) -> bool:

@@ -18,7 +18,7 @@ from typing import Dict, List, Union
 
 import torch
 
-from espnet_flashcompat.attention.calibrate import Timing
+from espnet_flashcompat.attention.choice import Timing
 
 Timings = Dict[str, Union[Timing, str]]  # backend -> its Timing, or why it cannot run there
 

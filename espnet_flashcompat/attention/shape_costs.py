@@ -1,16 +1,16 @@
 """What a batch of a new shape costs each backend, learned bucket by bucket, and what that spares a calibration.
 
 Per (device, dtype, train or eval), a "kind" of bucket: a backend's cost of a new shape, in runs of its own time
-(``calibrate.shape_cost`` / its run), presumed for cuDNN's attention (``sdpa_kernels.PRESUMED_SHAPE_COST``: it
+(``choice.shape_cost`` / its run), presumed for cuDNN's attention (``sdpa_kernels.PRESUMED_SHAPE_COST``: it
 builds a graph per sequence length) until a bucket measures it, then the lowest measured. From it, ``skipped()``
-names the contenders a bucket need not time (a new shape would cost them more than ``calibrate.SKIP_SHAPE_COST``
+names the contenders a bucket need not time (a new shape would cost them more than ``choice.SKIP_SHAPE_COST``
 runs per batch at the bucket's share of new shapes), and ``costs_a_shape()`` says whether a bucket must warm its
 contenders up and run each on another shape at all: not once every one was measured to pay nothing for a new shape.
 """
 
 from typing import Dict, Iterable, List, Set, Tuple
 
-from espnet_flashcompat.attention import calibrate, sdpa_kernels
+from espnet_flashcompat.attention import choice, sdpa_kernels
 from espnet_flashcompat.attention.policy import Rejection
 
 
@@ -24,8 +24,8 @@ class ShapeCosts:
         replaces the presumed cost, later ones keep the lowest."""
         known = self._known(kind)
         for t in timings.values():
-            if isinstance(t, calibrate.Timing) and t.ms > 0:
-                cost = calibrate.shape_cost(t) / t.ms
+            if isinstance(t, choice.Timing) and t.ms > 0:
+                cost = choice.shape_cost(t) / t.ms
                 presumed = kind + (t.backend,) not in self.measured
                 self.measured.add(kind + (t.backend,))
                 if cost:
@@ -35,10 +35,10 @@ class ShapeCosts:
 
     def skipped(self, kind: Tuple, contenders: Iterable[str], new_shapes: float) -> List[Rejection]:
         """Rejections of the contenders not worth timing where a share ``new_shapes`` of the batches has a new
-        shape: it costs them more than ``calibrate.SKIP_SHAPE_COST`` runs, presumed or measured (cuDNN's attention
+        shape: it costs them more than ``choice.SKIP_SHAPE_COST`` runs, presumed or measured (cuDNN's attention
         where lengths vary); one contender at least stays."""
         contenders, known = list(contenders), self._known(kind)
-        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > calibrate.SKIP_SHAPE_COST]
+        out = [b for b in contenders if new_shapes * known.get(b, 0.0) > choice.SKIP_SHAPE_COST]
         if len(out) == len(contenders):
             out = out[1:]
         return [Rejection(b, f"a new batch shape costs it {known[b]:.1f}x its run time ({self._why(kind, b)}), "

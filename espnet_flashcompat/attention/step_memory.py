@@ -11,13 +11,13 @@ says whether the cap left a backend out on them.
 from dataclasses import replace
 from typing import Dict, Optional
 
-from espnet_flashcompat.attention import calibrate
+from espnet_flashcompat.attention import choice
 
 
 def left_out(timings: Dict) -> bool:
     """Whether the memory cap leaves a timed backend out of ``timings``."""
-    ran = [t for t in timings.values() if isinstance(t, calibrate.Timing)]
-    cap = calibrate.MEMORY_CAP * max(min((t.peak_bytes for t in ran), default=0), 1)
+    ran = [t for t in timings.values() if isinstance(t, choice.Timing)]
+    cap = choice.memory_cap(t.peak_bytes for t in ran)
     return any(t.peak_bytes > cap for t in ran)
 
 
@@ -25,8 +25,8 @@ def on_top_of(timings: Dict, ran: str, step_peak: int) -> Optional[Dict]:
     """``timings`` with each peak raised by what the step held besides ``ran``'s calls: ``step_peak`` (bytes, the
     step's peak with ``ran`` running) less ``ran``'s own timed peak, if positive; None where ``ran`` was not timed."""
     own = timings.get(ran)
-    if not isinstance(own, calibrate.Timing):
+    if not isinstance(own, choice.Timing):
         return None
     rest = max(step_peak - own.peak_bytes, 0)
-    return {b: replace(t, peak_bytes=t.peak_bytes + rest) if isinstance(t, calibrate.Timing) else t
+    return {b: replace(t, peak_bytes=t.peak_bytes + rest) if isinstance(t, choice.Timing) else t
             for b, t in timings.items()}

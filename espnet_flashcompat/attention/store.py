@@ -44,20 +44,20 @@ class Entry:
     timings: Mapping[str, Union[Mapping[str, float], str]]  # backend -> its Timing's fields, or why it could not run
     rejected: Tuple[Tuple[str, str], ...] = ()  # (backend, reason) of the decision, every backend not picked
     cost_s: float = 0.0  # what the calibration itself took
-    batch: int = 1  # which batch of its bucket was timed: 1, or calibrate.RECHECK_AFTER
+    batch: int = 1  # which batch of its bucket was timed: 1, or tuner.RECHECK_AFTER
     written: str = ""  # ISO 8601 UTC
     version: str = __version__  # of espnet-flashcompat
 
     @classmethod
     def of(cls, decision, timings: Mapping, cost_s: float, batch: int = 1) -> "Entry":
-        """From a calibration: ``calibrate.pick()``'s decision and the timings it was made from."""
+        """From a calibration: ``choice.pick()``'s decision and the timings it was made from."""
         plain = {b: dataclasses.asdict(t) if dataclasses.is_dataclass(t) else str(t) for b, t in timings.items()}
         return cls(decision.implementation, plain, tuple((r.backend, r.reason) for r in decision.rejected),
                    float(cost_s), int(batch), datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     def timing_objects(self) -> Optional[Dict[str, object]]:
-        """Backend -> ``calibrate.Timing``, or its failure reason; None (and a warning) if they no longer fit."""
-        from espnet_flashcompat.attention.calibrate import Timing
+        """Backend -> ``choice.Timing``, or its failure reason; None (and a warning) if they no longer fit."""
+        from espnet_flashcompat.attention.choice import Timing
 
         names = {f.name for f in dataclasses.fields(Timing)}
         try:
@@ -67,7 +67,7 @@ class Entry:
             return _warn("corrupt", f"stored timings that do not fit Timing: {self.timings}", exc, "clear() them")
 
     def decision(self, base, where: str):
-        """The ``AttnDecision`` that ``calibrate.pick(timings, base, where)`` made, rebuilt on ``base`` (the policy's
+        """The ``AttnDecision`` that ``choice.pick(timings, base, where)`` made, rebuilt on ``base`` (the policy's
         decision now); None when the pick cannot run now (not among ``base``'s contenders)."""
         from espnet_flashcompat.attention.policy import Rejection
 

@@ -3,17 +3,17 @@ attention, ``espnet.model_policy``), per shape bucket.
 
 ``Tuner.decision()`` gives the decision for a batch: the policy's (``static``) when nothing contends; else, per
 shape bucket (``frontend_buckets.bucket``), a calibration at the bucket's first batch and a second look at its
-``calibrate.RECHECK_AFTER``-th that times only the backends that came close (``calibrate.close_contenders``). A
+``RECHECK_AFTER``-th that times only the backends that came close (``choice.close_contenders``). A
 calibration is taken from the calibration store (``store``) when it holds the key (``calibration_key``), and every
 finished one is written there, so that a later process on the same machine and stack measures nothing; an entry
 made at the second look settles the bucket for good. Under DDP (``together``) there is one bucket per train/eval,
 every rank measures or every rank reads the store (``ranks`` shares what each found), so that all pick alike.
 The caller times (``measure``: contenders -> timings, on its own batch); this module decides when, and logs it.
-It also counts, per bucket, the batches whose exact shape it had not seen: ``calibrate.pick`` charges a backend that
+It also counts, per bucket, the batches whose exact shape it had not seen: ``choice.pick`` charges a backend that
 builds something per shape (cuDNN's attention) at the share of new shapes after the bucket's first batch (1 at the
 first batch itself: length-sorted batches seldom repeat a shape); what each bucket shows a new shape costs a backend
 is kept for the later buckets of the same device, dtype and train or eval (``shape_costs``), which then do not time
-a backend that would pay more than ``calibrate.SKIP_SHAPE_COST`` runs per batch for it (cuDNN's attention, presumed
+a backend that would pay more than ``choice.SKIP_SHAPE_COST`` runs per batch for it (cuDNN's attention, presumed
 to until a bucket measures it), and warm none up where every contender was measured to pay nothing. Once
 two buckets of a device, dtype and train or eval have been measured and one backend was within the tie margin of the
 fastest in every one of them, its later buckets take that backend unmeasured (``_inherited``): the evidence says the
@@ -29,10 +29,14 @@ import time
 from dataclasses import replace
 from typing import Callable, Dict, FrozenSet, Optional, Set, Tuple
 
-from espnet_flashcompat.attention import (calibrate, calibration_key, frontend_buckets, ranks, sdpa_kernels,
-                                          shape_costs, step_memory, store)
+from espnet_flashcompat.attention import (calibrate, calibration_key, choice, frontend_buckets, ranks,
+                                          sdpa_kernels, shape_costs, step_memory, store)
 from espnet_flashcompat.attention.policy import AttnDecision, Rejection
 
+# Each bucket is timed again on its 50th batch: the first batch is a cold run's (clocks, allocator and caches not yet
+# settled), and two backends within a few percent of each other there may swap places a minute later (measured on
+# an H200 with torch 2.11: docs/benchmarks.md).
+RECHECK_AFTER = 50
 INHERIT_AFTER = 2  # measured buckets of one device, dtype and train or eval that must agree before others inherit
 logger = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class Tuner:
             self.decisions[bucket] = self._calibrate(bucket, static, shape, together, model, device, measure, seen)
         elif seen == 2 and self.step_peak is not None and (shape[0] or not together):
             self.decisions[bucket] = self._against_step(bucket, static, shape, together)
-        elif seen == calibrate.RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
+        elif seen == RECHECK_AFTER and bucket not in self.settled and (shape[0] or not together):
             share = self._new_shapes(bucket, seen)  # DDP: only training, whose steps are in lockstep
             share = max(ranks.gather(share)) if together else share  # ... and every rank the same share
             second = self._second_look(static, bucket, share)
@@ -110,7 +114,7 @@ class Tuner:
             stored = self._from_store(bucket, key, decision, together, where)
             if stored is not None:
                 self.picks[bucket] = (stored.implementation,
-                                      calibrate.tied(self.timings[bucket], stored.implementation))
+                                      choice.tied(self.timings[bucket], stored.implementation))
                 return stored
             inherited = None if together else self._inherited(bucket, decision, contenders, where)
             if inherited is not None:
@@ -140,11 +144,11 @@ class Tuner:
                 timings.update({r.backend: r.reason for r in decision.rejected})
                 timings = ranks.merge(ranks.gather(timings))
             timings = step is not None and step_memory.on_top_of(timings, ran.implementation, step) or timings
-            measured = calibrate.pick(timings, decision, where, share) or decision
+            measured = choice.pick(timings, decision, where, share) or decision
             self.shape_costs.learn(_kind(bucket), timings)
             if measured.measured:
                 self.picks[bucket] = (measured.implementation,
-                                      calibrate.tied(timings, measured.implementation, share))
+                                      choice.tied(timings, measured.implementation, share))
             spent = _spent(timings)
             timings = {**self.timings.get(bucket, {}), **timings}  # a second look keeps the first look's others
             kept = measured.measured and store.save(key, store.Entry.of(measured, timings, cost, seen))
@@ -152,7 +156,7 @@ class Tuner:
             store.release(key)  # processes waiting for this key go ahead, whatever happened here
         self.timings[bucket] = timings
         chosen = timings.get(measured.implementation)
-        batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, calibrate.Timing) else ""
+        batches = f", {1e3 * cost / chosen.ms:.0f} batches' worth" if isinstance(chosen, choice.Timing) else ""
         logger.info("%s: %s (calibration took %.2f s%s%s%s)", self.name, measured.summary(), cost, batches, spent,
                     "; kept in the calibration store" if kept else "")
         return measured
@@ -172,14 +176,14 @@ class Tuner:
         rebased = step_memory.on_top_of(timings, decision.implementation, peak)
         if rebased is None:
             return decision
-        timed = {b for b, t in timings.items() if isinstance(t, calibrate.Timing)}
+        timed = {b for b, t in timings.items() if isinstance(t, choice.Timing)}
         base = replace(decision, context=static.context,
                        rejected=tuple(r for r in decision.rejected if r.backend not in timed))
         where = f"{self.describe(shape)}, batch 2, memory against the step's peak of {peak / 2 ** 30:.2f} GiB"
         where += f", decided across {ranks.world_size()} ranks" if together else ""
-        again = calibrate.pick(rebased, base, where) or decision
+        again = choice.pick(rebased, base, where) or decision
         self.timings[bucket] = rebased
-        self.picks[bucket] = (again.implementation, calibrate.tied(rebased, again.implementation))
+        self.picks[bucket] = (again.implementation, choice.tied(rebased, again.implementation))
         logger.info("%s: %s (picked again from the first look's timings: %s)", self.name, again.summary(),
                     "the same pick" if again.implementation == decision.implementation else
                     f"{decision.implementation} before")
@@ -206,7 +210,7 @@ class Tuner:
         inherited = replace(decision, implementation=chosen, contenders=(), context=f"{decision.context}, {where}")
         logger.info("%s: %s (not measured: within %.0f%% of the fastest in each of the %d buckets of this device, "
                     "dtype and train or eval measured so far)", self.name, inherited.summary(),
-                    100 * calibrate.TIME_NOISE, len(looks))
+                    100 * choice.TIME_NOISE, len(looks))
         return inherited
 
     def _from_store(self, bucket, key, decision, together, where) -> Optional[AttnDecision]:
@@ -218,7 +222,7 @@ class Tuner:
             if not all(f and f[0] for f in found):
                 return None
             timings, batch = ranks.merge([f[0] for f in found]), min(f[1] for f in found)
-            stored = calibrate.pick(timings, decision, where + ", from the calibration store")
+            stored = choice.pick(timings, decision, where + ", from the calibration store")
         else:
             entry = store.lookup(key)
             timings = entry and entry.timing_objects()
@@ -228,11 +232,11 @@ class Tuner:
             return None
         self.timings[bucket] = timings
         self.shape_costs.learn(_kind(bucket), timings)  # as the process that measured them: later buckets skip alike
-        if batch >= calibrate.RECHECK_AFTER:
+        if batch >= RECHECK_AFTER:
             self.settled.add(bucket)
         logger.info("%s: %s (from the calibration store: measured at batch %d of its bucket; %s)", self.name,
                     stored.summary(), batch, "settled" if bucket in self.settled else "timed again at batch "
-                    f"{calibrate.RECHECK_AFTER}")
+                    f"{RECHECK_AFTER}")
         return stored
 
     def _second_look(self, decision, bucket, share: float) -> Optional[AttnDecision]:
@@ -240,15 +244,15 @@ class Tuner:
         timings all ranks share, so every rank asks the same), the others rejected with their first-look reason.
         None when nothing came close."""
         first, timings = self.decisions[bucket], self.timings.get(bucket, {})
-        close = calibrate.close_contenders(timings, first.implementation) or (first.implementation,)
+        close = choice.close_contenders(timings, first.implementation) or (first.implementation,)
         skipped = {r.backend: r.reason for r in first.rejected if r.backend in self.skipped.get(bucket, ())}
         # shapes repeat after all (``share``, the share of new shapes, agreed by every rank under DDP): time them now
         close += tuple(b for b in skipped if not self.shape_costs.skipped(_kind(bucket), (b, first.implementation),
                                                                           share))
         if len(close) < 2:
             return None
-        why = {b: f"not within {calibrate.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
-               if isinstance(t, calibrate.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
+        why = {b: f"not within {choice.RECHECK_MARGIN:.0%} of {first.implementation} at the first batch ({t})"
+               if isinstance(t, choice.Timing) else f"failed at the first batch: {t}" for b, t in timings.items()}
         why.update(skipped)
         rejected = tuple(Rejection(b, why[b]) for b in decision.contenders if b not in close and b in why)
         return replace(decision, contenders=close, rejected=decision.rejected + rejected)
@@ -262,7 +266,7 @@ def _kind(bucket: Tuple) -> Tuple:
 
 def _spent(timings: Dict) -> str:
     """Where a calibration's time went: the warm-ups (kernels built or loaded for a new shape) and the timed runs."""
-    ran = [t for t in timings.values() if isinstance(t, calibrate.Timing)]
+    ran = [t for t in timings.values() if isinstance(t, choice.Timing)]
     if not any(t.warmup_ms for t in ran):
         return f": {sum(t.runs for t in ran)} timed runs, no warm-up (a new shape costs none of them anything)"
     warm = sum(t.warmup_ms for t in ran) / 1e3

@@ -121,7 +121,7 @@ class Call:
         return out
 
     def measure(self, contenders: Sequence[str], layers: int) -> Dict[str, object]:
-        """Each contender's ``calibrate.Timing`` (or failure) on ``layers`` runs of this call per timed run."""
+        """Each contender's ``choice.Timing`` (or failure) on ``layers`` runs of this call per timed run."""
         current = [contenders[0]]
         arguments = self.detached()
 
