@@ -78,11 +78,11 @@ class Run:
         self.decision = policy.decide(policy.AUTO, holder, device, next(model.parameters()).dtype)
         self.measured_s = 0.0
         self.steps = {}  # pick -> wall seconds of each step it ran (calibration not included)
-        self.looks = []  # (bucket, batch of the bucket, measured or stored, seconds)
+        self.looks = []  # (bucket, batch of the bucket, measured, store or not timed, seconds, pick, ms timed)
 
     def step(self, lengths, train: bool) -> float:
         """One batch of ``lengths`` on the pick; its wall seconds, calibration included."""
-        from espnet_flashcompat.attention import calibrate, frontend_buckets, sdpa_kernels
+        from espnet_flashcompat.attention import calibrate, choice, frontend_buckets, sdpa_kernels
 
         start = time.perf_counter()
         x, mask = batch(lengths, next(self.model.parameters()).dtype, self.device)
@@ -114,8 +114,11 @@ class Run:
             asked = time.perf_counter() - began
         seen = self.tuner.seen[key + (shape,)]
         stored = seen == 1 and not measured[0] and key + (shape,) in self.tuner.timings
-        if measured[0] or stored:
-            self.looks.append((frontend_buckets.describe(shape), seen, "measured" if measured[0] else "store", asked))
+        if measured[0] or stored or seen == 1:  # "not timed": inherited, or the only contender left
+            how = "measured" if measured[0] else "store" if stored else "not timed"
+            timings = self.tuner.timings.get(key + (shape,), {}) if measured[0] or stored else {}
+            ms = {b: round(t.ms, 2) for b, t in timings.items() if isinstance(t, choice.Timing)}
+            self.looks.append((frontend_buckets.describe(shape), seen, how, asked, picked.implementation, ms))
         self.measured_s += measured[0]
         attention_matrix.set_backend(self.model, picked.implementation)
         began = time.perf_counter()
@@ -139,9 +142,9 @@ def batch(lengths, dtype, device):
 def summary(run: Run, wall: float, steps: int) -> dict:
     looks = run.looks
     return {"steps": steps, "wall_s": wall, "calibration_s": run.measured_s, "share": run.measured_s / wall,
-            "buckets": len({b for b, n, _, _ in looks if n == 1}),
-            "measured": sum(w == "measured" for _, _, w, _ in looks),
-            "from_store": sum(w == "store" for _, _, w, _ in looks), "looks": looks,
+            "buckets": len({look[0] for look in looks if look[1] == 1}),
+            "measured": sum(look[2] == "measured" for look in looks),
+            "from_store": sum(look[2] == "store" for look in looks), "looks": looks,
             "steps_by_pick": {b: [len(t), 1e3 * statistics.median(t)] for b, t in run.steps.items()}}
 
 
@@ -207,9 +210,9 @@ def decode(args, device) -> dict:
         wall = sum(j["wall_s"] for j in jobs)
         cost = sum(j["calibration_s"] for j in jobs)
         out[name] = {"jobs": len(jobs), "failed": args.jobs - len(jobs), "wall_s": wall, "calibration_s": cost,
-                     "share": cost / wall if wall else None, "keys": len({b for b, _, _, _ in looks}),
-                     "measured": sum(w == "measured" for _, _, w, _ in looks),
-                     "from_store": sum(w == "store" for _, _, w, _ in looks)}
+                     "share": cost / wall if wall else None, "keys": len({look[0] for look in looks}),
+                     "measured": sum(look[2] == "measured" for look in looks),
+                     "from_store": sum(look[2] == "store" for look in looks)}
         logger.info("parallel decode, %s: %s", name, out[name])
     return out
 
@@ -229,9 +232,12 @@ def table(result: dict) -> str:
             lines.append(f"| {scenario} | {name} | {r['wall_s']:.1f} | {r['calibration_s']:.2f} | {r['share']:.2%} | "
                          f"{r.get('buckets', r.get('keys'))} | {r['measured']} | {r['from_store']} |")
     looks = result.get("fine-tuning", {}).get("first run", {}).get("looks", [])
-    if looks:
-        lines += ["", "| bucket (fine-tuning, first run) | batch | measured or stored | s |", "|---|---|---|---|"]
-        lines += [f"| {b} | {n} | {w} | {s:.2f} |" for b, n, w, s in looks]
+    if looks:  # each timed backend's ms over the fastest's: whether the ranking changes with the bucket
+        lines += ["", "| bucket (fine-tuning, first run) | batch | how | s | pick | timed: ms (x the fastest) |",
+                  "|---|---|---|---|---|---|"]
+        for b, n, how, s, pick, ms in looks:
+            timed = ", ".join(f"{k} {v:.1f} ({v / min(ms.values()):.3f})" for k, v in sorted(ms.items()))
+            lines.append(f"| {b} | {n} | {how} | {s:.2f} | {pick} | {timed} |")
     return "\n".join(lines)
 
 
