@@ -61,8 +61,9 @@ def measure(forward: Callable[[], object], backends: Sequence[str], switch: Call
             reshaped: Optional[Callable[[int], object]] = None, held: int = 0) -> Timings:
     """Backend -> its Timing on ``forward()``, or the error it raised (an out-of-memory, a kernel limit);
     ``reshaped(k)``: the same forward on a batch of the k-th other shape, run once per backend (each its own k) after
-    its warm-up. ``held``: bytes the step holds besides what ``forward`` keeps, whichever backend runs, added to each
-    peak, so that the memory cap compares what the step would hold (where ``forward`` is a part of the step)."""
+    its warm-up (within ``without_warm_ups()``, neither is run: one untimed run in all). ``held``: bytes the step
+    holds besides what ``forward`` keeps, whichever backend runs, added to each peak, so that the memory cap compares
+    what the step would hold (where ``forward`` is a part of the step)."""
     trainable = [p for p in module.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     times: Dict[str, list] = {b: [] for b in backends}
