@@ -15,6 +15,8 @@ from espnet_flashcompat.attention.policy import Rejection
 
 
 class ShapeCosts:
+    """One tuner's knowledge of what a new batch shape costs each backend, per kind of bucket."""
+
     def __init__(self):
         self.runs: Dict[Tuple, Dict[str, float]] = {}  # kind -> backend -> what a new shape cost it, in its runs
         self.measured: Set[Tuple] = set()  # kind + (backend,): measured (on another shape), no longer presumed
