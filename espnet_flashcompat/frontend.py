@@ -117,7 +117,7 @@ class S3prlFlashCompatFrontend(S3prlFrontend):
             current[0] = backend
             policy.apply(self.upstream, backend)
 
-        def shorter(k):  # the batch cut short: the k-th shape no backend has run here (choice.shape_cost)
+        def shorter(k):  # the batch cut short: the k-th shape no backend has run yet (choice.shape_cost)
             cut = input.shape[1] - k * frontend_buckets.NEW_SHAPE_CUT
             return self._run(current[0], input[:, :cut], input_lengths.clamp(max=cut), strict=True)
 
