@@ -10,14 +10,17 @@ lengths are drawn uniformly within each bin (seeded).
 utterances of 14 s), the batch list shuffled per epoch as ESPnet's iterator does. Every batch asks the frontend's own
 ``tuner.Tuner`` for its decision (per shape bucket: a calibration at its first batch and a second look at its 50th),
 then runs on the pick. *first run*: an empty calibration store; *repeated run*: a new tuner over the same store and
-the same batches, as a resumed run or another seed makes it.
+the same batches, as a resumed run or another seed makes it. With ``--each-bucket ROUNDS``, then every contender's
+train step on each bucket's own batches, interleaved: the ranking each bucket's calibration looks for, whether it
+changes from bucket to bucket (what a bucket that inherits a pick assumes it does not), and how far from the
+fastest the first run's pick was.
 
 *parallel decode*: ``--jobs`` processes on one GPU at once, one store between them, each running the upstream of
 ``--utterances`` / jobs utterances one at a time in eval mode (``asr_inference`` with batch size 1), then again over
 the same store. Shares are of the upstream's forward time only (beam search not counted): an upper bound of what a
 decode job loses.
 
-    python benchmarks/calibration_cost.py --out DIR [--model wav2vec2] [--steps 2000] [--jobs 8]
+    python benchmarks/calibration_cost.py --out DIR [--model wav2vec2] [--steps 2000] [--jobs 8] [--each-bucket 8]
     python benchmarks/calibration_cost.py --out DIR --scenarios decode --jobs 8 --utterances 400
 
 Writes DIR/calibration_cost.md and .json and prints the tables.
@@ -165,6 +168,48 @@ def finetune(args, device) -> dict:
         wall = sum(run.step(b, train=True) for b in order[:steps])
         out[name] = summary(run, wall, steps)
         logger.info("fine-tuning, %s: %s", name, {k: v for k, v in out[name].items() if k != "looks"})
+    if args.each_bucket:
+        out["each bucket"] = each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
+                                         args.each_bucket)
+    return out
+
+
+def each_bucket(model, batches, looks, device, rounds: int) -> dict:
+    """Every contender's train step on each bucket's own batches, interleaved (round r: the bucket's r-th batch of
+    the run, a shape of its own as the run gives it, every contender on it in turn): the ranking a bucket's
+    calibration looks for, against which the first run's last pick for that bucket is read. Median ms of the rounds
+    after the first (a kernel's first use in the process)."""
+    from espnet_flashcompat.attention import frontend_buckets, policy, sdpa_kernels
+
+    contenders = policy.decide(policy.AUTO, types.SimpleNamespace(model=model), device, torch.bfloat16).contenders
+    buckets = {}
+    for lengths in batches:
+        shape = frontend_buckets.bucket(torch.empty(len(lengths), max(lengths), device="meta"), torch.tensor(lengths))
+        buckets.setdefault(shape, []).append(lengths)
+    picks = {look[0]: look[4] for look in looks}  # each bucket's latest pick (the second look's, where it ran)
+    out = {}
+    for shape, listed in buckets.items():
+        timed = [b for b in contenders if not sdpa_kernels.shape_rejection(b, masked=shape[-1])]
+        times, failed = {b: [] for b in timed}, {}
+        for r in range(rounds + 1):
+            x, mask = batch(listed[r % len(listed)], torch.bfloat16, device)
+            for backend in (timed if r % 2 else timed[::-1]):
+                if backend in failed:
+                    continue
+                attention_matrix.set_backend(model, backend)
+                try:
+                    began = time.perf_counter()
+                    attention_matrix.step_fn(model, x, mask, True, backend, strict=True)()
+                    torch.cuda.synchronize(device)
+                except Exception as exc:  # a kernel that refuses this batch
+                    failed[backend] = str(exc).splitlines()[0][:120]
+                    continue
+                if r:
+                    times[backend].append(1e3 * (time.perf_counter() - began))
+        name = frontend_buckets.describe(shape)
+        out[name] = {"batches": len(listed), "pick": picks.get(name), "failed": failed,
+                     "ms": {b: statistics.median(t) for b, t in times.items() if t}}
+        logger.info("each bucket, %s: %s", name, out[name])
     return out
 
 
@@ -229,6 +274,8 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for scenario, runs in result.items():
         for name, r in runs.items() if scenario != "new shapes" else ():
+            if name == "each bucket":
+                continue
             lines.append(f"| {scenario} | {name} | {r['wall_s']:.1f} | {r['calibration_s']:.2f} | {r['share']:.2%} | "
                          f"{r.get('buckets', r.get('keys'))} | {r['measured']} | {r['from_store']} |")
     looks = result.get("fine-tuning", {}).get("first run", {}).get("looks", [])
@@ -238,6 +285,15 @@ def table(result: dict) -> str:
         for b, n, how, s, pick, ms in looks:
             timed = ", ".join(f"{k} {v:.1f} ({v / min(ms.values()):.3f})" for k, v in sorted(ms.items()))
             lines.append(f"| {b} | {n} | {how} | {s:.2f} | {pick} | {timed} |")
+    each = result.get("fine-tuning", {}).get("each bucket", {})
+    if each:
+        lines += ["", "| bucket: each contender's train step (ms, x the fastest), median | batches | first run's pick "
+                  "| pick / fastest |", "|---|---|---|---|"]
+        for b, r in each.items():
+            fastest = min(r["ms"].values())
+            cells = ", ".join(f"{k} {v:.1f} ({v / fastest:.3f})" for k, v in sorted(r["ms"].items()))
+            ratio = f"{r['ms'][r['pick']] / fastest:.3f}" if r["pick"] in r["ms"] else "-"
+            lines.append(f"| {b}: {cells} | {r['batches']} | {r['pick']} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -252,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--utterances", type=int, default=400)
     parser.add_argument("--shape-steps", type=int, default=12, help="steps per cell of the shapes scenario")
+    parser.add_argument("--each-bucket", type=int, default=0, metavar="ROUNDS",
+                        help="fine-tuning: then time every contender on each bucket's batches, ROUNDS rounds")
     parser.add_argument("--decode-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.repeat_steps = args.repeat_steps or args.steps
