@@ -13,7 +13,10 @@ then runs on the pick. *first run*: an empty calibration store; *repeated run*: 
 the same batches, as a resumed run or another seed makes it. With ``--each-bucket ROUNDS``, then every contender's
 train step on each bucket's own batches, interleaved: the ranking each bucket's calibration looks for, whether it
 changes from bucket to bucket (what a bucket that inherits a pick assumes it does not), and how far from the
-fastest the first run's pick was.
+fastest the first run's pick was. With ``--named BACKENDS``, then the first run's batches again with each backend
+named (no calibration), each in a process of its own as the first run was the process's first GPU work: what
+``auto``'s first run, calibration included, costs or saves against naming the fastest backend and against
+torch's own ``sdpa`` (what transformers runs when nothing is named).
 
 *parallel decode*: ``--jobs`` processes on one GPU at once, one store between them, each running the upstream of
 ``--utterances`` / jobs utterances one at a time in eval mode (``asr_inference`` with batch size 1), then again over
@@ -21,6 +24,7 @@ the same store. Shares are of the upstream's forward time only (beam search not 
 decode job loses.
 
     python benchmarks/calibration_cost.py --out DIR [--model wav2vec2] [--steps 2000] [--jobs 8] [--each-bucket 8]
+    python benchmarks/calibration_cost.py --out DIR --scenarios finetune --steps 600 --named sdpa,flash_attention_2
     python benchmarks/calibration_cost.py --out DIR --scenarios decode --jobs 8 --utterances 400
 
 Writes DIR/calibration_cost.md and .json and prints the tables.
@@ -171,7 +175,37 @@ def finetune(args, device) -> dict:
     if args.each_bucket:
         out["each bucket"] = each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
                                          args.each_bucket)
+    if args.named:
+        out["named"] = {b: named(order[:args.steps], b, args.model) for b in args.named.split(",")}
     return out
+
+
+def named(batches, backend: str, model_kind: str) -> dict:
+    """``batches`` as train steps with ``backend`` named, in a new process: its wall seconds (or why it failed)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, result = Path(tmp, "batches.json"), Path(tmp, "named.json")
+        spec.write_text(json.dumps(batches))
+        proc = subprocess.run([sys.executable, __file__, "--named-worker", backend, "--model", model_kind,
+                               "--out", str(result), "--batches", str(spec)], capture_output=True, text=True)
+        if proc.returncode:
+            return {"failed": (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1][:200]}
+        out = json.loads(result.read_text())
+    logger.info("fine-tuning, %s named: %s", backend, out)
+    return out
+
+
+def named_worker(batches, backend: str, model_kind: str, out: Path, device) -> None:
+    """The body of ``named``: every batch's train step on ``backend``, timed as ``Run.step`` times auto's."""
+    model = attention_matrix.make_model(model_kind, torch.bfloat16).train()
+    attention_matrix.set_backend(model, backend)
+    wall = 0.0
+    for lengths in batches:
+        start = time.perf_counter()
+        x, mask = batch(lengths, torch.bfloat16, device)
+        attention_matrix.step_fn(model, x, mask, True, backend, strict=False)()
+        torch.cuda.synchronize(device)
+        wall += time.perf_counter() - start
+    out.write_text(json.dumps({"steps": len(batches), "wall_s": wall}))
 
 
 def each_bucket(model, batches, looks, device, rounds: int) -> dict:
@@ -274,7 +308,7 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for scenario, runs in result.items():
         for name, r in runs.items() if scenario != "new shapes" else ():
-            if name == "each bucket":
+            if name in ("each bucket", "named"):
                 continue
             lines.append(f"| {scenario} | {name} | {r['wall_s']:.1f} | {r['calibration_s']:.2f} | {r['share']:.2%} | "
                          f"{r.get('buckets', r.get('keys'))} | {r['measured']} | {r['from_store']} |")
@@ -285,6 +319,7 @@ def table(result: dict) -> str:
         for b, n, how, s, pick, ms in looks:
             timed = ", ".join(f"{k} {v:.1f} ({v / min(ms.values()):.3f})" for k, v in sorted(ms.items()))
             lines.append(f"| {b} | {n} | {how} | {s:.2f} | {pick} | {timed} |")
+    lines += _named_table(result.get("fine-tuning", {}))
     each = result.get("fine-tuning", {}).get("each bucket", {})
     if each:
         lines += ["", "| bucket: each contender's train step (ms, x the fastest), median | batches | first run's pick "
@@ -295,6 +330,22 @@ def table(result: dict) -> str:
             ratio = f"{r['ms'][r['pick']] / fastest:.3f}" if r["pick"] in r["ms"] else "-"
             lines.append(f"| {b}: {cells} | {r['batches']} | {r['pick']} | {ratio} |")
     return "\n".join(lines)
+
+
+def _named_table(runs: dict) -> list:
+    """The first run against each named backend over the same batches: auto's cost and gain, side by side."""
+    named, first = runs.get("named", {}), runs.get("first run")
+    if not named or not first:
+        return []
+    lines = ["", f"| fine-tuning, the first run's {first['steps']} batches | wall s | auto's first run against it |",
+             "|---|---|---|", f"| auto, calibration {first['calibration_s']:.2f} s included | {first['wall_s']:.1f} | - |"]
+    for backend, r in named.items():
+        if "failed" in r:
+            lines.append(f"| {backend} named | failed: {r['failed']} | - |")
+            continue
+        gap = first["wall_s"] - r["wall_s"]
+        lines.append(f"| {backend} named | {r['wall_s']:.1f} | {gap:+.1f} s ({gap / r['wall_s']:+.1%}) |")
+    return lines
 
 
 def main(argv=None):
@@ -310,7 +361,11 @@ def main(argv=None):
     parser.add_argument("--shape-steps", type=int, default=12, help="steps per cell of the shapes scenario")
     parser.add_argument("--each-bucket", type=int, default=0, metavar="ROUNDS",
                         help="fine-tuning: then time every contender on each bucket's batches, ROUNDS rounds")
+    parser.add_argument("--named", metavar="BACKENDS", help="fine-tuning: then the first run's batches with each of "
+                        "these backends named (comma-separated: sdpa, flash_attention_2, sdpa:efficient...)")
     parser.add_argument("--decode-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--named-worker", help=argparse.SUPPRESS)  # a child process: this backend named
+    parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)  # ... over these batches
     args = parser.parse_args(argv)
     args.repeat_steps = args.repeat_steps or args.steps
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
@@ -320,6 +375,9 @@ def main(argv=None):
     if args.decode_worker:
         logging.getLogger().setLevel(logging.WARNING)
         return decode_worker(json.loads(args.decode_worker), args.model, args.out, device)
+    if args.named_worker:
+        logging.getLogger().setLevel(logging.WARNING)
+        return named_worker(json.loads(args.batches.read_text()), args.named_worker, args.model, args.out, device)
     env = attention_matrix.environment()
     result = {}
     if "finetune" in args.scenarios:
