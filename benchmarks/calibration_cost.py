@@ -11,12 +11,12 @@ utterances of 14 s), the batch list shuffled per epoch as ESPnet's iterator does
 ``tuner.Tuner`` for its decision (per shape bucket: a calibration at its first batch and a second look at its 50th),
 then runs on the pick. *first run*: an empty calibration store; *repeated run*: a new tuner over the same store and
 the same batches, as a resumed run or another seed makes it. With ``--each-bucket ROUNDS``, then every contender's
-train step on each bucket's own batches, interleaved: the ranking each bucket's calibration looks for, whether it
-changes from bucket to bucket (what a bucket that inherits a pick assumes it does not), and how far from the
-fastest the first run's pick was. With ``--named BACKENDS``, then the first run's batches again with each backend
-named (no calibration), each in a process of its own as the first run was the process's first GPU work: what
-``auto``'s first run, calibration included, costs or saves against naming the fastest backend and against
-torch's own ``sdpa`` (what transformers runs when nothing is named).
+train step, and its first attention layer's alone, on each bucket's own batches, interleaved (``bucket_ranking``):
+whether the ranking changes from bucket to bucket, whether one attention call ranks the contenders as the step does,
+and how far from the fastest the first run's pick was. With ``--named BACKENDS``, then the first run's batches
+again with each backend named (no calibration), each in a process of its own as the first run was the process's
+first GPU work: what ``auto``'s first run, calibration included, costs or saves against naming the fastest backend
+and against torch's own ``sdpa`` (what transformers runs when nothing is named).
 
 *parallel decode*: ``--jobs`` processes on one GPU at once, one store between them, each running the upstream of
 ``--utterances`` / jobs utterances one at a time in eval mode (``asr_inference`` with batch size 1), then again over
@@ -47,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import attention_matrix  # noqa: E402  (the models, steps and environment of the attention matrix)
+import bucket_ranking  # noqa: E402  (every contender on each bucket's batches: --each-bucket)
 
 logger = logging.getLogger("calibration_cost")
 SAMPLE_RATE = 16000
@@ -173,8 +174,8 @@ def finetune(args, device) -> dict:
         out[name] = summary(run, wall, steps)
         logger.info("fine-tuning, %s: %s", name, {k: v for k, v in out[name].items() if k != "looks"})
     if args.each_bucket:
-        out["each bucket"] = each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
-                                         args.each_bucket)
+        out["each bucket"] = bucket_ranking.each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
+                                                        args.each_bucket, batch)
     if args.named:
         out["named"] = {b: named(order[:args.steps], b, args.model) for b in args.named.split(",")}
     return out
@@ -206,45 +207,6 @@ def named_worker(batches, backend: str, model_kind: str, out: Path, device) -> N
         torch.cuda.synchronize(device)
         wall += time.perf_counter() - start
     out.write_text(json.dumps({"steps": len(batches), "wall_s": wall}))
-
-
-def each_bucket(model, batches, looks, device, rounds: int) -> dict:
-    """Every contender's train step on each bucket's own batches, interleaved (round r: the bucket's r-th batch of
-    the run, a shape of its own as the run gives it, every contender on it in turn): the ranking a bucket's
-    calibration looks for, against which the first run's last pick for that bucket is read. Median ms of the rounds
-    after the first (a kernel's first use in the process)."""
-    from espnet_flashcompat.attention import frontend_buckets, policy, sdpa_kernels
-
-    contenders = policy.decide(policy.AUTO, types.SimpleNamespace(model=model), device, torch.bfloat16).contenders
-    buckets = {}
-    for lengths in batches:
-        shape = frontend_buckets.bucket(torch.empty(len(lengths), max(lengths), device="meta"), torch.tensor(lengths))
-        buckets.setdefault(shape, []).append(lengths)
-    picks = {look[0]: look[4] for look in looks}  # each bucket's latest pick (the second look's, where it ran)
-    out = {}
-    for shape, listed in buckets.items():
-        timed = [b for b in contenders if not sdpa_kernels.shape_rejection(b, masked=shape[-1])]
-        times, failed = {b: [] for b in timed}, {}
-        for r in range(rounds + 1):
-            x, mask = batch(listed[r % len(listed)], torch.bfloat16, device)
-            for backend in (timed if r % 2 else timed[::-1]):
-                if backend in failed:
-                    continue
-                attention_matrix.set_backend(model, backend)
-                try:
-                    began = time.perf_counter()
-                    attention_matrix.step_fn(model, x, mask, True, backend, strict=True)()
-                    torch.cuda.synchronize(device)
-                except Exception as exc:  # a kernel that refuses this batch
-                    failed[backend] = str(exc).splitlines()[0][:120]
-                    continue
-                if r:
-                    times[backend].append(1e3 * (time.perf_counter() - began))
-        name = frontend_buckets.describe(shape)
-        out[name] = {"batches": len(listed), "pick": picks.get(name), "failed": failed,
-                     "ms": {b: statistics.median(t) for b, t in times.items() if t}}
-        logger.info("each bucket, %s: %s", name, out[name])
-    return out
 
 
 def new_shapes(args, device) -> dict:
@@ -320,15 +282,7 @@ def table(result: dict) -> str:
             timed = ", ".join(f"{k} {v:.1f} ({v / min(ms.values()):.3f})" for k, v in sorted(ms.items()))
             lines.append(f"| {b} | {n} | {how} | {s:.2f} | {pick} | {timed} |")
     lines += _named_table(result.get("fine-tuning", {}))
-    each = result.get("fine-tuning", {}).get("each bucket", {})
-    if each:
-        lines += ["", "| bucket: each contender's train step (ms, x the fastest), median | batches | first run's pick "
-                  "| pick / fastest |", "|---|---|---|---|"]
-        for b, r in each.items():
-            fastest = min(r["ms"].values())
-            cells = ", ".join(f"{k} {v:.1f} ({v / fastest:.3f})" for k, v in sorted(r["ms"].items()))
-            ratio = f"{r['ms'][r['pick']] / fastest:.3f}" if r["pick"] in r["ms"] else "-"
-            lines.append(f"| {b}: {cells} | {r['batches']} | {r['pick']} | {ratio} |")
+    lines += bucket_ranking.table(result.get("fine-tuning", {}).get("each bucket", {}))
     return "\n".join(lines)
 
 
@@ -338,7 +292,8 @@ def _named_table(runs: dict) -> list:
     if not named or not first:
         return []
     lines = ["", f"| fine-tuning, the first run's {first['steps']} batches | wall s | auto's first run against it |",
-             "|---|---|---|", f"| auto, calibration {first['calibration_s']:.2f} s included | {first['wall_s']:.1f} | - |"]
+             "|---|---|---|",
+             f"| auto, calibration {first['calibration_s']:.2f} s included | {first['wall_s']:.1f} | - |"]
     for backend, r in named.items():
         if "failed" in r:
             lines.append(f"| {backend} named | failed: {r['failed']} | - |")
