@@ -13,10 +13,11 @@ then runs on the pick. *first run*: an empty calibration store; *repeated run*: 
 the same batches, as a resumed run or another seed makes it. With ``--each-bucket ROUNDS``, then every contender's
 train step, and its first attention layer's alone, on each bucket's own batches, interleaved (``bucket_ranking``):
 whether the ranking changes from bucket to bucket, whether one attention call ranks the contenders as the step does,
-and how far from the fastest the first run's pick was. With ``--named BACKENDS``, then the first run's batches
-again with each backend named (no calibration), each in a process of its own as the first run was the process's
-first GPU work: what ``auto``'s first run, calibration included, costs or saves against naming the fastest backend
-and against torch's own ``sdpa`` (what transformers runs when nothing is named).
+and how far from the fastest the first run's pick was. With ``--named BACKENDS``, then the first run's batches (its
+first ``--named-steps``) again with each backend named (no calibration), each in a process of its own as the first
+run was the process's first GPU work: what ``auto``'s first run over those batches, calibration included, costs or
+saves against naming the fastest backend and against torch's own ``sdpa`` (what transformers runs when nothing is
+named).
 
 *parallel decode*: ``--jobs`` processes on one GPU at once, one store between them, each running the upstream of
 ``--utterances`` / jobs utterances one at a time in eval mode (``asr_inference`` with batch size 1), then again over
@@ -24,7 +25,8 @@ the same store. Shares are of the upstream's forward time only (beam search not 
 decode job loses.
 
     python benchmarks/calibration_cost.py --out DIR [--model wav2vec2] [--steps 2000] [--jobs 8] [--each-bucket 8]
-    python benchmarks/calibration_cost.py --out DIR --scenarios finetune --steps 600 --named sdpa,flash_attention_2
+    python benchmarks/calibration_cost.py --out DIR --scenarios finetune --named sdpa,flash_attention_2 \
+        --named-steps 600
     python benchmarks/calibration_cost.py --out DIR --scenarios decode --jobs 8 --utterances 400
 
 Writes DIR/calibration_cost.md and .json and prints the tables.
@@ -167,17 +169,20 @@ def finetune(args, device) -> dict:
     logger.info("fine-tuning: %d batches per epoch (batch_bins %d), batch sizes %d-%d", len(listed),
                 args.batch_bins, min(map(len, listed)), max(map(len, listed)))
     model = attention_matrix.make_model(args.model, torch.bfloat16).train()
-    out = {}
+    out, window = {}, min(args.named_steps or args.steps, args.steps)
     for name, steps in (("first run", args.steps), ("repeated run", args.repeat_steps)):
-        run = Run(model, device)
-        wall = sum(run.step(b, train=True) for b in order[:steps])
+        run, wall = Run(model, device), 0.0
+        for i, b in enumerate(order[:steps]):
+            wall += run.step(b, train=True)
+            if name == "first run" and i + 1 == window:  # what the named runs are set against
+                out["first run, named window"] = {"steps": window, "wall_s": wall, "calibration_s": run.measured_s}
         out[name] = summary(run, wall, steps)
         logger.info("fine-tuning, %s: %s", name, {k: v for k, v in out[name].items() if k != "looks"})
     if args.each_bucket:
         out["each bucket"] = bucket_ranking.each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
                                                         args.each_bucket, batch)
     if args.named:
-        out["named"] = {b: named(order[:args.steps], b, args.model) for b in args.named.split(",")}
+        out["named"] = {b: named(order[:window], b, args.model) for b in args.named.split(",")}
     return out
 
 
@@ -270,7 +275,7 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for scenario, runs in result.items():
         for name, r in runs.items() if scenario != "new shapes" else ():
-            if name in ("each bucket", "named"):
+            if name in ("each bucket", "named", "first run, named window"):
                 continue
             lines.append(f"| {scenario} | {name} | {r['wall_s']:.1f} | {r['calibration_s']:.2f} | {r['share']:.2%} | "
                          f"{r.get('buckets', r.get('keys'))} | {r['measured']} | {r['from_store']} |")
@@ -288,7 +293,7 @@ def table(result: dict) -> str:
 
 def _named_table(runs: dict) -> list:
     """The first run against each named backend over the same batches: auto's cost and gain, side by side."""
-    named, first = runs.get("named", {}), runs.get("first run")
+    named, first = runs.get("named", {}), runs.get("first run, named window")
     if not named or not first:
         return []
     lines = ["", f"| fine-tuning, the first run's {first['steps']} batches | wall s | auto's first run against it |",
@@ -318,6 +323,8 @@ def main(argv=None):
                         help="fine-tuning: then time every contender on each bucket's batches, ROUNDS rounds")
     parser.add_argument("--named", metavar="BACKENDS", help="fine-tuning: then the first run's batches with each of "
                         "these backends named (comma-separated: sdpa, flash_attention_2, sdpa:efficient...)")
+    parser.add_argument("--named-steps", type=int, help="... over the first run's first N batches (default: all; "
+                        "torch's own sdpa pays a cuDNN graph per new length: about 0.25 s a step on an H200)")
     parser.add_argument("--decode-worker", help=argparse.SUPPRESS)
     parser.add_argument("--named-worker", help=argparse.SUPPRESS)  # a child process: this backend named
     parser.add_argument("--batches", type=Path, help=argparse.SUPPRESS)  # ... over these batches
