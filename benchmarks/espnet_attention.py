@@ -31,19 +31,24 @@ flash-attn: the table runs with what this interpreter's children import (``healt
 module: ``python -c "import sys; sys.path.insert(0, 'tests'); import faults; print(faults.broken_flash_attn())"``
 builds one, with pip and PyPI). ``--curves N``: N train steps of stock and of auto (E-Branchformer ls100,
 ``--curves-precision``: bf16 AMP by default on CUDA, from the same weights over the same 8 cycled ragged batches) and
-their CTC losses every N/20 steps.
+their CTC losses every N/20 steps. ``--new-length``: every train step of a row on a batch of a new length (the row's
+length give or take 20%, 4 frames apart: a new attention shape each, as ESPnet's length-sorted ``numel`` batches
+give nearly every step), which a backend that builds something per shape (SDPA's cuDNN kernel, torch's first choice
+for ``sdpa`` on Hopper) pays at every step, and which the repeated batch of the other rows hides.
 
 Results, with their machine, versions and date, and what a ratio's noise is: docs/benchmarks.md; run times:
 docs/gpu.md.
 
     python benchmarks/espnet_attention.py --out DIR --decode                          # the table
     python benchmarks/espnet_attention.py --out DIR --broken-flash BROKEN --curves 300   # the table twice, curves
+    python benchmarks/espnet_attention.py --out DIR --new-length --repeat 30             # lengths as training gives
     python benchmarks/espnet_attention.py --tiny --out /tmp/bench --decode              # CPU smoke test: tiny sizes
 
 Writes DIR/espnet_attention.md (tables) and DIR/espnet_attention.json (every measurement), and prints the tables.
 """
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -66,6 +71,7 @@ SIZES = {"ls100": dict(output_size=256, attention_heads=4, linear_units=1024, cg
 TINY = {"tiny": dict(output_size=32, attention_heads=2, linear_units=64, cgmlp_linear_units=64, batch=2, blocks=2,
                      frames=300, target=15)}
 DECODE_STEPS, DECODE_BEAM = 60, 10  # tokens decoded one at a time, hypotheses in the beam
+NEW_LENGTHS = 300  # --new-length: distinct lengths a row's steps take in turn (2,400 to 3,600 frames at 30 s)
 _ESPNET_FALLBACK = "Flash Attention failed, falling back"
 
 
@@ -113,14 +119,35 @@ def batch(size: dict, ragged: bool, device, seed: int = 0):
     return [t.to(device) for t in (x, lengths, ys, torch.full((n,), target))]
 
 
+def new_lengths(size: dict, ragged: bool, device, cycle: int = NEW_LENGTHS):
+    """The batch, a new length at every call (``--new-length``), as ESPnet's length-sorted ``numel`` batches give
+    nearly every step: ``cycle`` lengths 4 frames apart (one frame apart after the 4x subsampling: a new attention
+    shape each), centred on the row's length and taken in turn by every variant's steps, so that no two steps of a
+    row share a length while every round's variants run nearly the same one. Cut from one batch on the device."""
+    frames = size.get("frames", FRAMES)
+    cycle = min(cycle, frames // 8)  # the shortest at least half the row's length
+    top = frames + 2 * cycle
+    x, _, ys, ylens = batch(dict(size, frames=top), ragged, device)
+    scale = torch.linspace(1.0, 0.3, x.size(0), device=device) if ragged else torch.ones(x.size(0), device=device)
+    taken = itertools.count()
+
+    def next_batch():
+        n = top - 4 * (next(taken) % cycle)
+        lengths = (scale * n).long()
+        return x[:, :n] * (torch.arange(n, device=device)[None, :, None] < lengths[:, None, None]), lengths, ys, ylens
+    return next_batch
+
+
 def make_step(model, data, bf16: bool, device):
+    """One train step on ``data`` (x, lengths, targets, target lengths), or on what ``data()`` gives at each step."""
     optim = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step():
         optim.zero_grad(set_to_none=True)
+        x, lengths, ys, ylens = data() if callable(data) else data
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            hs, hlens, _ = model["encoder"](data[0], data[1])
-            loss = model["ctc"](hs, hlens, data[2], data[3])
+            hs, hlens, _ = model["encoder"](x, lengths)
+            loss = model["ctc"](hs, hlens, ys, ylens)
         loss.backward()
         optim.step()
         return loss.detach()
@@ -240,15 +267,16 @@ def measure(job: dict, args, device) -> dict:
     return dict(row, cells=cells)
 
 
-def train_job(encoder, size_name, size, ragged, bf16, device) -> dict:
-    data = batch(size, ragged, device)
+def train_job(encoder, size_name, size, ragged, bf16, device, new_length: bool = False) -> dict:
+    data = new_lengths(size, ragged, device) if new_length else batch(size, ragged, device)
 
     def make(variant):
         model = model_of(variant, build(encoder, size, device))
         return make_step(model, data, bf16, device), model
 
-    return dict(encoder=encoder, size=size_name, batch="ragged" if ragged else "full",
-                precision="bf16" if bf16 else "fp32", make=make, floor=True)
+    return dict(encoder=encoder, size=size_name, batch=("ragged" if ragged else "full")
+                + (", a new length each step" if new_length else ""), precision="bf16" if bf16 else "fp32",
+                make=make, floor=True)
 
 
 def decode_job(size_name, size, bf16, device, steps=DECODE_STEPS, beam=DECODE_BEAM) -> dict:
@@ -284,7 +312,7 @@ def decode_job(size_name, size, bf16, device, steps=DECODE_STEPS, beam=DECODE_BE
 
 def jobs(args, device) -> list:
     sizes = TINY if args.tiny else {k: SIZES[k] for k in args.sizes}
-    out = [train_job(encoder, size_name, size, ragged, bf16, device)
+    out = [train_job(encoder, size_name, size, ragged, bf16, device, args.new_length)
            for encoder in args.encoders for size_name, size in sizes.items()
            for ragged in (False, True) for bf16 in (False, True)]
     if args.decode:
@@ -427,6 +455,8 @@ def main(argv=None):
     parser.add_argument("--encoders", nargs="+", default=["e_branchformer", "conformer"])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--decode", action="store_true", help="add the decoder's decode-step rows (largest size)")
+    parser.add_argument("--new-length", action="store_true",
+                        help="train rows: a new batch length at every step (as length-sorted batches give)")
     parser.add_argument("--broken-flash", type=Path, help="a broken flash-attn directory: run the table again with it")
     parser.add_argument("--curves", type=int, default=0, help="train N steps of stock and auto, print the losses")
     parser.add_argument("--curves-precision", choices=("fp32", "bf16"), help="default: bf16 on CUDA, fp32 on CPU")
@@ -438,7 +468,7 @@ def main(argv=None):
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 3)
     args.forwarded = ["--device", args.device, "--repeat", str(args.repeat), "--warmup", str(args.warmup),
                       "--encoders", *args.encoders, "--sizes", *args.sizes] + ["--tiny"] * args.tiny \
-        + ["--decode"] * args.decode + ["--log-level", args.log_level]
+        + ["--decode"] * args.decode + ["--new-length"] * args.new_length + ["--log-level", args.log_level]
     handler = logging.StreamHandler()
     handler.setLevel(args.log_level)  # by default the policy's INFO lines go to _Calibrations only
     handler.addFilter(_Counter())
