@@ -18,6 +18,7 @@ import attention_matrix
 
 logger = logging.getLogger("calibration_cost")
 
+
 def each_bucket(model, batches, looks, device, rounds: int, batch) -> dict:
     """Every contender's train step on each bucket's own batches, interleaved (round r: the bucket's r-th batch of
     the run, a shape of its own as the run gives it, every contender on it in turn): the ranking a bucket's
