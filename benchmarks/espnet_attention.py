@@ -382,9 +382,9 @@ def render(rows: list, curve: dict, device, args) -> str:
              f"Median of {args.repeat} steps after {args.warmup + 1} warm-up; peak = max_memory_allocated of one "
              "step (one model resident). auto/best: auto's median over the fastest median of the row (stock "
              "included); paired: the median over the rounds of auto's step over that of the fastest other cell in "
-             "the same round (the cells' steps interleave, so that a round's drift cancels); auto mem/leanest: over the lowest peak of the row. calibration: what auto's calibrations "
-             "took in the first run (in its first step); 2nd run: a new model with the first one's store, its first "
-             "step and its calibrations.", "",
+             "the same round (the cells' steps interleave, so that a round's drift cancels); auto mem/leanest: over "
+             "the lowest peak of the row. calibration: what auto's calibrations took in the first run (in its first "
+             "step); 2nd run: a new model with the first one's store, its first step and its calibrations.", "",
              "| encoder | size | batch | prec. | flash-attn | " + " | ".join(f"{v} ms" for v in VARIANTS)
              + " | auto ran | auto/best | paired | auto/stock | " + " | ".join(f"{v} MiB" for v in VARIANTS)
              + " | floor MiB | auto mem/leanest | auto mem/stock | calibration | auto 1st step | 2nd run 1st step, "
