@@ -171,13 +171,13 @@ def finetune(args, device) -> dict:
     model = attention_matrix.make_model(args.model, torch.bfloat16).train()
     out, window = {}, min(args.named_steps or args.steps, args.steps)
     for name, steps in (("first run", args.steps), ("repeated run", args.repeat_steps)):
-        run, wall = Run(model, device), 0.0
+        run, wall, early = Run(model, device), 0.0, None
         for i, b in enumerate(order[:steps]):
             wall += run.step(b, train=True)
-            if name == "first run" and i + 1 == window:  # what the named runs are set against
-                out["first run, named window"] = {"steps": window, "wall_s": wall, "calibration_s": run.measured_s}
-        out[name] = summary(run, wall, steps)
-        logger.info("fine-tuning, %s: %s", name, {k: v for k, v in out[name].items() if k != "looks"})
+            if i + 1 == window:  # what the named runs are set against
+                early = {"steps": window, "wall_s": wall, "calibration_s": run.measured_s}
+        out[name] = dict(summary(run, wall, steps), window=early)
+        logger.info("fine-tuning, %s: %s", name, {k: v for k, v in out[name].items() if k not in ("looks", "window")})
     if args.each_bucket:
         out["each bucket"] = bucket_ranking.each_bucket(model, order[:args.steps], out["first run"]["looks"], device,
                                                         args.each_bucket, batch)
@@ -275,7 +275,7 @@ def table(result: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for scenario, runs in result.items():
         for name, r in runs.items() if scenario != "new shapes" else ():
-            if name in ("each bucket", "named", "first run, named window"):
+            if name in ("each bucket", "named"):
                 continue
             lines.append(f"| {scenario} | {name} | {r['wall_s']:.1f} | {r['calibration_s']:.2f} | {r['share']:.2%} | "
                          f"{r.get('buckets', r.get('keys'))} | {r['measured']} | {r['from_store']} |")
@@ -293,7 +293,7 @@ def table(result: dict) -> str:
 
 def _named_table(runs: dict) -> list:
     """The first run against each named backend over the same batches: auto's cost and gain, side by side."""
-    named, first = runs.get("named", {}), runs.get("first run, named window")
+    named, first = runs.get("named", {}), runs.get("first run", {}).get("window")
     if not named or not first:
         return []
     lines = ["", f"| fine-tuning, the first run's {first['steps']} batches | wall s | auto's first run against it |",
